@@ -1,0 +1,10 @@
+"""OpenAI's GPT-2 355M (weights downloaded on first use): sample, chat, evaluate, fine-tune.
+
+python -m mygpt_jax.sample --config configs/gpt2_355m.py
+"""
+
+from mygpt_jax.config import gpt2_config
+
+
+def get_config():
+    return gpt2_config("355M")

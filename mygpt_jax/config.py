@@ -1,0 +1,135 @@
+"""The full set of config keys with their defaults.
+
+Every `configs/*.py` starts from `base_config()` and changes values, so every config has the same keys and
+an override of a key that does not exist is an error (the ConfigDict is locked by ml_collections).
+"""
+
+import functools
+
+import ml_collections
+
+from mygpt_jax.errors import UserError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_name = "default"
+    c.checkpoint_dir = "checkpoints"
+    # Start training from pretrained weights ("gpt2_124m", ...) instead of a random init; "" = random.
+    c.init_from = ""
+    # A folder that already holds OpenAI's GPT-2 files (offline users); "" = download into checkpoint_dir.
+    c.weights_dir = ""
+    # The OpenAI checkpoint this config samples from ("124M", ...; "" = a training run's own checkpoint).
+    c.pretrained = ""
+    # Where OpenAI's files are downloaded from, tried in order (comma-separated base URLs).
+    c.weights_urls = ("https://openaipublic.blob.core.windows.net/gpt-2/models,"
+                      "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 50257
+    m.context_length = 256
+    m.emb_dim = 768
+    m.n_heads = 12
+    m.n_layers = 12
+    m.drop_rate = 0.1
+    m.qkv_bias = False
+    m.tie_embeddings = False
+    m.dtype = "float32"  # compute dtype; parameters are always float32
+    m.init_scheme = "gpt2"  # "gpt2": N(0, init_std); "pytorch": torch's nn.Linear/nn.Embedding defaults
+    m.init_std = 0.02  # std of the normal init of weights in the "gpt2" scheme
+    m.remat = False  # rematerialise each block in the backward pass (saves memory on long contexts)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.path = ""  # "" = the bundled "The Verdict"
+    d.train_ratio = 0.9
+    d.stride = 0  # 0 = context_length (non-overlapping windows)
+
+    c.train = t = ml_collections.ConfigDict()
+    t.num_epochs = 10
+    t.batch_size = 2
+    t.learning_rate = 4e-4
+    t.weight_decay = 0.1
+    t.beta1 = 0.9
+    t.beta2 = 0.999
+    t.eps = 1e-8
+    t.warmup_steps = 0  # > 0 turns on linear warmup followed by cosine decay
+    t.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    t.grad_clip = 0.0  # > 0 clips the global gradient norm
+    t.grad_accum_steps = 1
+    t.eval_freq = 5
+    t.eval_iter = 5
+    t.seed = 123
+    t.resume = True
+    t.checkpoint_every = 50  # steps; a checkpoint is also written at the end and on Ctrl-C
+    t.max_to_keep = 2
+    t.sample_every_epoch = True
+    t.max_steps = 0  # > 0 stops after this many steps (smoke tests, benchmarks)
+
+    c.sample = s = ml_collections.ConfigDict()
+    s.prompt = "Every effort moves you"  # "" = interactive chat
+    s.temperature = 0.0  # 0 = greedy
+    s.top_k = 0  # 0 = off
+    s.top_p = 1.0  # 1.0 = off
+    s.max_new_tokens = 50
+    s.num_samples = 1
+    s.seed = 123
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.text_file = ""
+    e.json = False
+    e.batch_size = 4
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Check values that types alone do not catch; raise a UserError naming the key."""
+
+    def require(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            value = functools.reduce(lambda node, name: node[name], key.split("."), c)
+            raise UserError(f"--config.{key}={value!r} is invalid: {what}")
+
+    m, t, s = c.model, c.train, c.sample
+    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        require(m[key] > 0, f"model.{key}", "must be a positive integer")
+    require(m.emb_dim % m.n_heads == 0, "model.emb_dim", f"must be divisible by model.n_heads={m.n_heads}")
+    require(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
+    require(m.init_scheme in ("gpt2", "pytorch"), "model.init_scheme", "use gpt2 or pytorch")
+    require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "use float32, bfloat16 or float16")
+    require(0.0 < c.data.train_ratio < 1.0, "data.train_ratio", "must be between 0 and 1")
+    require(c.data.stride >= 0, "data.stride", "must be >= 0 (0 means context_length)")
+    for key in ("num_epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum_steps", "checkpoint_every",
+                "max_to_keep"):
+        require(t[key] > 0, f"train.{key}", "must be a positive integer")
+    require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+            f"must divide train.batch_size={t.batch_size}")
+    require(t.learning_rate > 0, "train.learning_rate", "must be positive")
+    require(t.warmup_steps >= 0 and t.max_steps >= 0, "train.warmup_steps", "must be >= 0")
+    require(s.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
+    require(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
+    require(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
+    require(s.max_new_tokens > 0, "sample.max_new_tokens", "must be positive")
+    require(s.num_samples > 0, "sample.num_samples", "must be positive")
+    require(bool(c.run_name) and "/" not in c.run_name, "run_name", "must be a non-empty name without '/'")
+
+
+# OpenAI's GPT-2 sizes: (emb_dim, n_heads, n_layers); all have context 1024, qkv bias and a tied head.
+GPT2_SIZES = {"124M": (768, 12, 12), "355M": (1024, 16, 24), "774M": (1280, 20, 36), "1558M": (1600, 25, 48)}
+
+
+def gpt2_config(size: str) -> ml_collections.ConfigDict:
+    """A config that samples from / evaluates / fine-tunes OpenAI's GPT-2 of this size.
+
+    The architecture is read from the checkpoint's hparams.json when the weights load; the values set
+    here document it and size the model before the weights arrive.
+    """
+    c = base_config()
+    c.run_name = f"gpt2_{size.lower()}"
+    c.pretrained = size
+    m = c.model
+    m.emb_dim, m.n_heads, m.n_layers = GPT2_SIZES[size]
+    m.context_length, m.qkv_bias, m.tie_embeddings = 1024, True, True
+    m.drop_rate = 0.0  # inference
+    c.sample.prompt = ""  # empty: interactive chat; --config.sample.prompt="..." completes once
+    c.sample.temperature, c.sample.top_k = 1.0, 40
+    return c
