@@ -1,0 +1,87 @@
+"""Orbax checkpoints: a training run's state, and parameter-only checkpoints.
+
+A run directory `checkpoints/<run_name>/` holds Orbax step folders `<step>/` with three items:
+`params`, `opt_state` (Orbax PyTrees) and `meta` (JSON: step, epoch, batch position, rng, config).
+Sampling and evaluation restore `params` alone. Saving is synchronous: the training step donates its
+buffers, so an asynchronous save could read memory the next step already reuses.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mygpt_jax.errors import UserError
+
+
+def _manager(run_dir: str, max_to_keep: int | None = None, create: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(run_dir), options=options)
+
+
+def latest_step(run_dir: str) -> int | None:
+    if not os.path.isdir(run_dir):
+        return None
+    with _manager(run_dir) as mngr:
+        return mngr.latest_step()
+
+
+def save(run_dir: str, step: int, params: Any, meta: dict, opt_state: Any = None,
+         max_to_keep: int | None = None) -> None:
+    """Write step `step`; without `opt_state` it is a parameter-only checkpoint (pretrained weights)."""
+    items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    with _manager(run_dir, max_to_keep, create=True) as mngr:
+        mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def delete_all(run_dir: str) -> None:
+    with _manager(run_dir) as mngr:
+        for step in mngr.all_steps():
+            mngr.delete(step)
+
+
+def _on_device(abstract: Any) -> Any:
+    """Placeholders that make Orbax restore jax.Arrays (on the default device unless a sharding is given)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device), abstract)
+
+
+def _restore(run_dir: str, step: int | None, **items: ocp.args.CheckpointArgs) -> Any:
+    step = latest_step(run_dir) if step is None else step
+    if step is None:
+        raise UserError(f"no checkpoint in {run_dir}")
+    try:
+        with _manager(run_dir) as mngr:
+            return mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # Orbax raises many types for unreadable or mismatched data
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint {os.path.join(run_dir, str(step))} could not be restored ({reason}); "
+                        "delete that folder (training: or start fresh with --config.train.resume=False)") from e
+
+
+def restore_train_state(run_dir: str, abstract_params: Any, abstract_opt_state: Any,
+                        step: int | None = None) -> tuple[Any, Any, dict]:
+    """(params, opt_state, meta) of `step` (default: the latest) shaped like the abstract trees."""
+    restored = _restore(run_dir, step, params=ocp.args.StandardRestore(_on_device(abstract_params)),
+                        opt_state=ocp.args.StandardRestore(_on_device(abstract_opt_state)),
+                        meta=ocp.args.JsonRestore())
+    return restored["params"], restored["opt_state"], restored["meta"]
+
+
+def restore_params(run_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, dict]:
+    """(params, meta) of a training run, without reading the optimizer state."""
+    restored = _restore(run_dir, step, params=ocp.args.StandardRestore(_on_device(abstract_params)),
+                        meta=ocp.args.JsonRestore())
+    return restored["params"], restored["meta"]
+
+
+def restore_meta(run_dir: str, step: int | None = None) -> dict:
+    """The JSON metadata of a checkpoint (its config, step, ...), without reading any array."""
+    return _restore(run_dir, step, meta=ocp.args.JsonRestore())["meta"]

@@ -1,0 +1,151 @@
+"""Text generation with a KV cache: one prefill pass over the prompt, then one jitted step per token.
+
+`Generator.generate` runs the whole decode loop on the device (`lax.while_loop`); `Generator.stream`
+calls the same jitted step from Python and yields each token as it is made (for the chat). Shapes never
+depend on the prompt length (prompts are padded to a power-of-two bucket) or on the step, so nothing is
+recompiled per token or per prompt of a similar length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mygpt_jax.errors import UserError
+from mygpt_jax.model import GPT, KVCache, ModelConfig, init_cache
+from mygpt_jax.tokenizer import END_OF_TEXT_ID
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    max_new_tokens: int = 50
+    num_samples: int = 1
+    stop_token: int | None = END_OF_TEXT_ID
+
+    @classmethod
+    def from_config(cls, sample: ml_collections.ConfigDict) -> "SamplingSettings":
+        return cls(temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
+                   max_new_tokens=sample.max_new_tokens, num_samples=sample.num_samples)
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, s: SamplingSettings) -> jax.Array:
+    """Next token ids (batch,) from logits (batch, vocab): greedy, or temperature + top-k + top-p."""
+    if s.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if s.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        cutoff_index = jnp.sum(cumulative < s.top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+class DecodeState(NamedTuple):
+    cache: list[KVCache]
+    logits: jax.Array  # (batch, vocab): the model's prediction for the next position
+    position: jax.Array  # where the next token goes in the cache
+    rng: jax.Array
+    tokens: jax.Array  # (batch, max_new_tokens) generated so far
+    count: jax.Array  # how many tokens have been generated
+    done: jax.Array  # (batch,) bool: this sample has produced the stop token
+
+
+def fit_prompt(ids: list[int], context_length: int, max_new_tokens: int) -> tuple[list[int], int, list[str]]:
+    """Crop the prompt (keeping its last tokens) and cap max_new_tokens so both fit the context."""
+    if not ids:
+        raise UserError("the prompt is empty; give some text to complete")
+    notes = []
+    if max_new_tokens > context_length - 1:
+        notes.append(f"max_new_tokens={max_new_tokens} is capped at {context_length - 1} (context {context_length})")
+        max_new_tokens = context_length - 1
+    room = context_length - max_new_tokens
+    if len(ids) > room:
+        notes.append(f"the prompt has {len(ids)} tokens; kept its last {room} so that it and {max_new_tokens} "
+                     f"new tokens fit the context of {context_length}")
+        ids = ids[-room:]
+    return ids, max_new_tokens, notes
+
+
+def _bucket(n: int, context_length: int) -> int:
+    return min(context_length, max(16, 1 << (n - 1).bit_length()))
+
+
+class Generator:
+    """Completes token prompts with a trained model (parameters stay on the device between calls)."""
+
+    def __init__(self, cfg: ModelConfig, params: Any, settings: SamplingSettings):
+        self.cfg, self.params, self.settings = cfg, params, settings
+        self.model = GPT(cfg)
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(3,))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._loop = jax.jit(self._loop_impl, donate_argnums=(1,))
+
+    def _prefill_impl(self, params: Any, padded: jax.Array, length: jax.Array, max_new: int,
+                      rng: jax.Array) -> DecodeState:
+        batch = padded.shape[0]
+        cache = init_cache(self.cfg, batch)
+        logits, cache = self.model.apply({"params": params}, padded, cache=cache, cache_index=0)
+        return DecodeState(cache, logits[jnp.arange(batch), length - 1], length, rng,
+                           jnp.zeros((batch, max_new), jnp.int32), jnp.int32(0), jnp.zeros((batch,), bool))
+
+    def _step_impl(self, params: Any, state: DecodeState) -> DecodeState:
+        rng, key = jax.random.split(state.rng)
+        token = sample_logits(state.logits, key, self.settings)
+        stop = self.settings.stop_token
+        if stop is not None:
+            token = jnp.where(state.done, stop, token)
+        logits, cache = self.model.apply({"params": params}, token[:, None], cache=state.cache,
+                                         cache_index=state.position)
+        done = state.done | (token == stop) if stop is not None else state.done
+        return DecodeState(cache, logits[:, -1], state.position + 1, rng,
+                           state.tokens.at[:, state.count].set(token), state.count + 1, done)
+
+    def _loop_impl(self, params: Any, state: DecodeState) -> DecodeState:
+        def running(s: DecodeState) -> jax.Array:
+            return (s.count < s.tokens.shape[1]) & ~jnp.all(s.done)
+
+        return jax.lax.while_loop(running, lambda s: self._step_impl(params, s), state)
+
+    def prepare(self, prompt: list[int]) -> tuple[list[int], int, list[str]]:
+        """(prompt cropped to fit, max_new_tokens capped to fit, notes saying what was changed)."""
+        return fit_prompt(prompt, self.cfg.context_length, self.settings.max_new_tokens)
+
+    def _start(self, prompt: list[int], rng: jax.Array) -> tuple[DecodeState, list[str]]:
+        prompt, max_new, notes = self.prepare(prompt)
+        padded = np.zeros((self.settings.num_samples, _bucket(len(prompt), self.cfg.context_length)), np.int32)
+        padded[:, :len(prompt)] = prompt
+        return self._prefill(self.params, jnp.asarray(padded), jnp.int32(len(prompt)), max_new, rng), notes
+
+    def _trim(self, tokens: np.ndarray) -> list[list[int]]:
+        stop = self.settings.stop_token
+        rows = [[int(t) for t in row] for row in tokens]
+        return [row[:row.index(stop)] if stop in row else row for row in rows]
+
+    def generate(self, prompt: list[int], rng: jax.Array) -> tuple[list[list[int]], list[str]]:
+        """New tokens of each sample (stop token excluded) and notes on cropping, all on the device."""
+        state, notes = self._start(prompt, rng)
+        state = self._loop(self.params, state)
+        return self._trim(np.asarray(state.tokens)[:, :int(state.count)]), notes
+
+    def stream(self, prompt: list[int], rng: jax.Array) -> Iterator[np.ndarray]:
+        """Yield the next token of every sample, (num_samples,), until all stop or max_new_tokens."""
+        state, _ = self._start(prompt, rng)
+        for _ in range(state.tokens.shape[1]):
+            state = self._step(self.params, state)
+            token = np.asarray(state.tokens[:, state.count - 1])
+            yield token
+            if bool(np.all(state.done)):
+                return

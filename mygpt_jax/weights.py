@@ -1,0 +1,47 @@
+"""Where a command's weights come from: OpenAI's GPT-2 (`config.pretrained`) or a training run's checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from mygpt_jax import checkpoint
+from mygpt_jax.errors import UserError
+from mygpt_jax.model import ModelConfig, init_params
+
+
+def run_dir(config: ml_collections.ConfigDict) -> str:
+    import os
+
+    return os.path.join(config.checkpoint_dir, config.run_name)
+
+
+def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
+    """(model config for inference, params); the architecture comes from the weights, not the config file."""
+    if config.pretrained:
+        from mygpt_jax.pretrained.load import load_gpt2  # TensorFlow only on a first conversion
+
+        cfg, params = load_gpt2(config.pretrained, checkpoint_dir=config.checkpoint_dir,
+                                weights_dir=config.weights_dir, base_urls=config.weights_urls.split(","))
+        return dataclasses.replace(cfg, drop_rate=0.0, dtype=config.model.dtype), params
+
+    directory = run_dir(config)
+    step = checkpoint.latest_step(directory)
+    if step is None:
+        from mygpt_jax.cli import config_path
+
+        raise UserError(f"no checkpoint in {directory}; create it with: python -m mygpt_jax.train --config "
+                        f"{config_path()}" + (f" --config.run_name={config.run_name}"
+                                              if config.run_name not in config_path() else ""))
+    start = time.time()
+    saved = ml_collections.ConfigDict(checkpoint.restore_meta(directory, step)["config"])
+    cfg = dataclasses.replace(ModelConfig.from_config(saved.model), drop_rate=0.0, dtype=config.model.dtype)
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    params, _ = checkpoint.restore_params(directory, abstract, step)
+    print(f"loaded {directory} (update {step}) in {time.time() - start:.1f} s", file=sys.stderr)
+    return cfg, params
