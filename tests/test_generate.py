@@ -1,0 +1,79 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mygpt_jax.errors import UserError
+from mygpt_jax.generate import Generator, SamplingSettings, fit_prompt, sample_logits
+from mygpt_jax.model import GPT, ModelConfig, init_params
+
+CFG = ModelConfig(vocab_size=97, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+
+
+def recompute_greedy(params, prompt, n):
+    """Greedy decoding the slow way: the whole sequence through the model for every token."""
+    ids = list(prompt)
+    apply = jax.jit(GPT(CFG).apply)
+    for _ in range(n):  # one fixed shape (causality makes the padding harmless): one compilation
+        padded = np.zeros((1, CFG.context_length), np.int32)
+        padded[0, :len(ids)] = ids
+        logits, _ = apply({"params": params}, jnp.asarray(padded))
+        ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
+    return ids[len(prompt):]
+
+
+def test_kv_cache_decoding_equals_full_recompute():
+    params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
+    prompt = [5, 17, 3, 88, 41]
+    generator = Generator(CFG, params, SamplingSettings(max_new_tokens=30, stop_token=None))
+    (cached,), notes = generator.generate(prompt, jax.random.key(0))
+    assert notes == []
+    expected = recompute_greedy(params, prompt, 30)
+    assert cached == expected
+    assert len(set(expected)) > 3  # a non-degenerate sequence
+    streamed = [int(t[0]) for t in generator.stream(prompt, jax.random.key(0))]
+    assert streamed == expected
+
+
+def test_stop_token_ends_generation():
+    params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
+    free = Generator(CFG, params, SamplingSettings(max_new_tokens=20, stop_token=None))
+    (ids,), _ = free.generate([1, 2, 3], jax.random.key(0))
+    stop = ids[4]
+    stopping = Generator(CFG, params, SamplingSettings(max_new_tokens=20, stop_token=stop))
+    (cut,), _ = stopping.generate([1, 2, 3], jax.random.key(0))
+    assert cut == ids[:ids.index(stop)]
+
+
+def test_sampling_is_reproducible_from_the_seed_and_batches():
+    params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
+    s = SamplingSettings(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=15, num_samples=3, stop_token=None)
+    generator = Generator(CFG, params, s)
+    a, _ = generator.generate([1, 2, 3], jax.random.key(7))
+    b, _ = generator.generate([1, 2, 3], jax.random.key(7))
+    c, _ = generator.generate([1, 2, 3], jax.random.key(8))
+    assert a == b and a != c and len(a) == 3 and len({tuple(x) for x in a}) > 1
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+
+    def drawn(settings):
+        return set(np.asarray(jax.vmap(lambda k: sample_logits(logits, k, settings)[0])(keys)).tolist())
+
+    assert drawn(SamplingSettings(temperature=1.0)) == {0, 1, 2, 3}
+    assert drawn(SamplingSettings(temperature=1.0, top_k=2)) == {0, 1}
+    assert drawn(SamplingSettings(temperature=1.0, top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert drawn(SamplingSettings(temperature=0.0)) == {0}
+
+
+def test_long_prompts_keep_their_last_tokens():
+    ids, n, notes = fit_prompt(list(range(100)), context_length=64, max_new_tokens=10)
+    assert ids == list(range(46, 100)) and n == 10 and "kept its last 54" in notes[0]
+    ids, n, notes = fit_prompt([1, 2], context_length=64, max_new_tokens=500)
+    assert n == 63 and ids == [2] and len(notes) == 2
+    with pytest.raises(UserError):
+        fit_prompt([], 64, 10)

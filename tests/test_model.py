@@ -1,0 +1,149 @@
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mygpt_jax import train
+from mygpt_jax.config import base_config
+from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
+
+TINY = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+SMALL_VOCAB = dataclasses.replace(TINY, vocab_size=512)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(cfg, params, tokens):
+    return GPT(cfg).apply({"params": params}, tokens)[0]
+
+
+def shape_only_count(**kw) -> int:
+    cfg = ModelConfig(**kw)
+    return count_params(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(context_length=256), 162_419_712),  # the seed configuration
+    (dict(context_length=1024), 163_009_536),
+    (dict(context_length=1024, qkv_bias=True, tie_embeddings=True), 124_439_808),  # GPT-2 124M
+])
+def test_parameter_counts(kw, expected):
+    assert shape_only_count(**kw) == expected
+
+
+def test_logits_shape_and_dtype():
+    params = init_params(TINY, jax.random.key(0))
+    logits, cache = jax.jit(GPT(TINY).apply)({"params": params}, jnp.zeros((3, 7), jnp.int32))
+    assert logits.shape == (3, 7, 50257) and logits.dtype == jnp.float32 and cache is None
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+
+
+def test_tied_head_has_no_separate_weights():
+    cfg = dataclasses.replace(TINY, tie_embeddings=True)
+    params = init_params(cfg, jax.random.key(0))
+    assert "lm_head" not in params and "lm_head" in init_params(TINY, jax.random.key(0))
+    tokens = jnp.arange(5)[None]
+    logits = forward(cfg, params, tokens)
+    params["wte"]["embedding"] = params["wte"]["embedding"] * 2.0  # the head moves with the embedding
+    logits2 = forward(cfg, params, tokens)
+    assert not np.allclose(logits, logits2)
+
+
+def test_causality():
+    """Changing token t changes no logits before t."""
+    params = init_params(TINY, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 50257)
+    changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % 50257)
+    a, b = forward(TINY, params, tokens), forward(TINY, params, changed)
+    np.testing.assert_array_equal(a[:, :7], b[:, :7])
+    assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_initial_loss_is_near_log_vocab():
+    params = init_params(TINY, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(2), (4, 17), 0, 50257)
+    loss = jax.jit(lambda p, b: train.loss_fn(GPT(TINY), p, b, None))(params, batch)
+    assert abs(float(loss) - math.log(50257)) < 0.1
+
+
+def test_tiny_model_overfits_one_batch():
+    c = base_config()
+    c.train.learning_rate = 1e-2
+    model = GPT(SMALL_VOCAB)
+    tx = train.create_optimizer(c.train, 100)
+    params = init_params(SMALL_VOCAB, jax.random.key(0))
+    state = train.TrainState(jnp.int32(0), params, tx.init(params))
+    step = jax.jit(train.make_train_step(model, tx, 1))
+    batch = jax.random.randint(jax.random.key(3), (2, 17), 0, 512)
+    losses = []
+    for _ in range(80):
+        state, metrics = step(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[0] > 5.5 and losses[-1] < 0.2
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    model = GPT(SMALL_VOCAB)
+    tx = optax.sgd(1.0)  # the update is the gradient itself
+    params = init_params(SMALL_VOCAB, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(3), (4, 17), 0, 512)
+    results = []
+    for accum in (1, 2):
+        state = train.TrainState(jnp.int32(0), params, tx.init(params))
+        state, metrics = jax.jit(train.make_train_step(model, tx, accum))(state, batch, jax.random.key(0))
+        results.append((state.params, metrics["loss"]))
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0], results[1][0])
+
+
+def test_dropout_is_active_only_in_training():
+    cfg = dataclasses.replace(TINY, drop_rate=0.5)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jnp.arange(8)[None]
+    model = GPT(cfg)
+    eval_a, eval_b = forward(cfg, params, tokens), forward(cfg, params, tokens)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a, _ = jax.jit(lambda p, r: model.apply({"params": p}, tokens, deterministic=False, rngs={"dropout": r}))(
+        params, jax.random.key(1))
+    assert not np.allclose(eval_a, train_a)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_trains():
+    cfg = dataclasses.replace(SMALL_VOCAB, dtype="bfloat16")
+    c = base_config()
+    c.train.learning_rate = 3e-3
+    tx = train.create_optimizer(c.train, 100)
+    params = init_params(cfg, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    state = train.TrainState(jnp.int32(0), params, tx.init(params))
+    step = jax.jit(train.make_train_step(GPT(cfg), tx, 1))
+    batch = jax.random.randint(jax.random.key(3), (2, 17), 0, 512)
+    first = last = None
+    for _ in range(30):
+        state, metrics = step(state, batch, jax.random.key(0))
+        first = first if first is not None else float(metrics["loss"])
+        last = float(metrics["loss"])
+    assert last < first - 3.0
+
+
+def test_flop_count_matches_a_hand_count():
+    cfg = ModelConfig(vocab_size=10, context_length=4, emb_dim=2, n_heads=1, n_layers=1)
+    # matmul weights: qkv 2x6 + out 2x2 + fc 2x8 + proj 8x2 = 48, head 2x10 = 20 -> 6 x 68 = 408
+    # attention: 12 x L x d x T = 12 x 1 x 2 x 4 = 96
+    assert matmul_flops_per_token(cfg) == 408 + 96
+    assert matmul_flops_per_token(cfg, seq_len=2) == 408 + 48
+
+
+def test_optimizer_schedule_and_clipping():
+    c = base_config().train
+    c.warmup_steps, c.grad_clip = 10, 1.0
+    tx = train.create_optimizer(c, 100)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    updates, _ = tx.update({"w": jnp.full(3, 1e6)}, state, params)
+    assert jnp.all(jnp.isfinite(updates["w"]))
+    assert isinstance(tx, optax.GradientTransformation)
