@@ -1,0 +1,120 @@
+"""Convert OpenAI's GPT-2 TensorFlow checkpoint into this project's Flax parameter tree.
+
+The Flax names mirror OpenAI's, so converting is a rename (`model/h3/attn/c_attn/w` becomes
+`h_3/attn/c_attn/kernel`) plus dropping the leading 1 of the conv1d weights (OpenAI stores the dense
+layers as width-1 convolutions: (1, in, out)).  The expected variables and shapes are derived from
+the model itself (`jax.eval_shape` of `init_params`), so every checkpoint variable must be used and
+every parameter filled, or the conversion fails with a UserError naming the variable.
+
+TensorFlow is imported inside `convert_checkpoint` only: it takes many seconds to import and is
+needed for nothing else (a converted checkpoint is cached as Orbax by `mygpt_jax.pretrained.load`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mygpt_jax.errors import UserError
+from mygpt_jax.model import ModelConfig, init_params
+
+HPARAMS_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+_LEAF_NAMES = {"kernel": "w", "bias": "b", "scale": "g"}  # Flax leaf -> OpenAI leaf
+_MAX_NAMED = 3  # variables named in one error message
+
+
+def read_hparams(folder: str | os.PathLike) -> dict[str, int]:
+    """The architecture in `folder/hparams.json`: n_vocab, n_ctx, n_embd, n_head, n_layer."""
+    path = Path(folder) / "hparams.json"
+    try:
+        hparams = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the folder must hold OpenAI's GPT-2 files") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} could not be read ({e}); delete it so that it is downloaded again") from e
+    if not isinstance(hparams, dict):
+        raise UserError(f"{path} is not a JSON object; delete it so that it is downloaded again")
+    bad = [k for k in HPARAMS_KEYS if not (type(hparams.get(k)) is int and hparams[k] > 0)]
+    if bad:
+        raise UserError(f"{path} lacks positive integers for {', '.join(bad)}; "
+                        "delete it so that it is downloaded again")
+    if hparams["n_embd"] % hparams["n_head"]:
+        raise UserError(f"{path}: n_embd={hparams['n_embd']} is not divisible by n_head={hparams['n_head']}")
+    return {k: hparams[k] for k in HPARAMS_KEYS}
+
+
+def model_config_from_hparams(hparams: dict[str, int], *, drop_rate: float = 0.0,
+                              dtype: str = "float32") -> ModelConfig:
+    """GPT-2's architecture: biases on q/k/v and an LM head tied to the token embedding."""
+    return ModelConfig(vocab_size=hparams["n_vocab"], context_length=hparams["n_ctx"],
+                       emb_dim=hparams["n_embd"], n_heads=hparams["n_head"], n_layers=hparams["n_layer"],
+                       drop_rate=drop_rate, qkv_bias=True, tie_embeddings=True, dtype=dtype)
+
+
+def openai_name(path: tuple[str, ...]) -> str:
+    """OpenAI's name of the Flax parameter at `path`: ("h_0", "ln_1", "scale") -> "model/h0/ln_1/g"."""
+    *modules, leaf = path
+    if leaf == "embedding":  # wte/embedding -> model/wte
+        leaf = modules.pop()
+    modules = [re.sub(r"^h_(\d+)$", r"h\1", m) for m in modules]
+    return "/".join(["model", *modules, _LEAF_NAMES.get(leaf, leaf)])
+
+
+def expected_variables(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """{OpenAI variable name: (Flax path, shape in the checkpoint)} of every parameter of `cfg`."""
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    expected = {}
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+        path = tuple(k.key for k in key_path)
+        shape = (1, *leaf.shape) if path[-1] == "kernel" else leaf.shape  # conv1d weights
+        expected[openai_name(path)] = (path, tuple(shape))
+    return expected
+
+
+def convert_checkpoint(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, params) of the OpenAI checkpoint in `folder`; params are float32 NumPy arrays."""
+    cfg = model_config_from_hparams(read_hparams(folder))
+    expected = expected_variables(cfg)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # silence TensorFlow's C++ start-up messages
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    prefix = tf.train.latest_checkpoint(str(folder)) or str(Path(folder) / "model.ckpt")
+    try:
+        found = dict(tf.train.list_variables(prefix))
+        _check_names(prefix, found, expected)
+        params: dict[str, Any] = {}
+        for name, (path, shape) in expected.items():
+            if tuple(found[name]) != shape:
+                raise UserError(f"variable {name} in {prefix} has shape {tuple(found[name])}, expected {shape} "
+                                "(does hparams.json match the checkpoint?)")
+            value = np.asarray(tf.train.load_variable(prefix, name), dtype=np.float32)
+            _set(params, path, value[0] if path[-1] == "kernel" else value)
+    except (tf.errors.OpError, IndexError) as e:  # IndexError: a truncated data file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"TensorFlow checkpoint {prefix} could not be read ({reason}); delete {folder} "
+                        "to download it again, or replace its files") from e
+    return cfg, params
+
+
+def _check_names(prefix: str, found: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Every checkpoint variable is a parameter and every parameter is in the checkpoint."""
+    for problem, names in (("unexpected", found.keys() - expected), ("missing", expected.keys() - found)):
+        if names:
+            names = sorted(names)
+            more = f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else ""
+            raise UserError(f"{problem} variable {', '.join(names[:_MAX_NAMED])}{more} in TensorFlow checkpoint "
+                            f"{prefix}; is it OpenAI's GPT-2 and does hparams.json match it?")
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: np.ndarray) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

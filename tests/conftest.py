@@ -1,0 +1,102 @@
+"""Shared fixtures: a real HTTP server on 127.0.0.1 that serves a GPT-2 model folder."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from mygpt_jax.pretrained.download import FILENAMES
+
+DROPPED = "model.ckpt.data-00000-of-00001"  # the file that mode "drop" cuts short
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """Talk to 127.0.0.1 directly even if the developer has an HTTP proxy configured."""
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "127.0.0.1")
+
+
+class Server:
+    """Serves the files of `root` as /models/<size>/<file>; `mode` is "ok", "404", "drop" or "norange"."""
+
+    def __init__(self, root: Path, mode: str = "ok", size: str = "124M") -> None:
+        self.root, self.mode, self.size = root, mode, size
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, file name, Range header)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/models"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def fetched(self) -> list[str]:
+        return [name for method, name, _ in self.requests if method == "GET"]
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._serve(body=False)
+
+            def do_GET(self) -> None:
+                self._serve(body=True)
+
+            def _serve(self, body: bool) -> None:
+                name = self.path.rpartition("/")[2]
+                rng = self.headers.get("Range")
+                server.requests.append((self.command, name, rng))
+                known = name in FILENAMES and self.path == f"/models/{server.size}/{name}"
+                if server.mode == "404" or not known:
+                    self.send_error(404)
+                    return
+                data = (server.root / name).read_bytes()
+                start = 0
+                if rng and server.mode != "norange":
+                    start = int(rng.removeprefix("bytes=").rstrip("-"))
+                if start >= len(data) > 0:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                if not body:
+                    return
+                if server.mode == "drop" and name == DROPPED:  # announce everything, send half, hang up
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(data[start:])
+
+        return Handler
+
+
+@pytest.fixture
+def http_server() -> Iterator[Callable[..., Server]]:
+    """Factory: http_server(root, mode="ok") serves `root` on 127.0.0.1:<free port>; all stop afterwards."""
+    servers: list[Server] = []
+
+    def start(root: Path, mode: str = "ok") -> Server:
+        servers.append(Server(root, mode))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
