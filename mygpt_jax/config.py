@@ -110,6 +110,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
     require(s.max_new_tokens > 0, "sample.max_new_tokens", "must be positive")
     require(s.num_samples > 0, "sample.num_samples", "must be positive")
+    require(c.eval.batch_size > 0, "eval.batch_size", "must be positive")
     require(bool(c.run_name) and "/" not in c.run_name, "run_name", "must be a non-empty name without '/'")
 
 

@@ -1,0 +1,85 @@
+"""Cross-entropy and perplexity of a model on a text file.
+
+    python -m mygpt_jax.evaluate --config configs/gpt2_124m.py --config.eval.text_file=my.txt
+    python -m mygpt_jax.evaluate --config configs/verdict.py --config.eval.json=True
+
+The text is cut into windows of the model's context (each token predicted once, from up to
+context_length tokens before it); the last, shorter window is padded and masked, so every token after
+the first counts exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from mygpt_jax import data
+from mygpt_jax.errors import UserError
+from mygpt_jax.model import GPT, ModelConfig
+from mygpt_jax.tokenizer import encode
+from mygpt_jax.weights import load_model
+
+
+def padded_windows(ids: list[int], context_length: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(windows (n, context_length + 1), mask (n, context_length)) covering every target once.
+
+    n is a multiple of batch_size; padding windows and positions have mask 0.
+    """
+    n_targets = len(ids) - 1
+    n = max(1, -(-n_targets // context_length))
+    n = -(-n // batch_size) * batch_size
+    windows = np.zeros((n, context_length + 1), np.int32)
+    mask = np.zeros((n, context_length), np.float32)
+    for i, start in enumerate(range(0, n_targets, context_length)):
+        chunk = ids[start:start + context_length + 1]
+        windows[i, :len(chunk)] = chunk
+        mask[i, :len(chunk) - 1] = 1.0
+    return windows, mask
+
+
+def evaluate_ids(cfg: ModelConfig, params: Any, ids: list[int], batch_size: int,
+                 progress: bool = True) -> tuple[int, float]:
+    """(number of predicted tokens, mean cross-entropy in nats)."""
+    if len(ids) < 2:
+        raise UserError("the text has fewer than 2 tokens; nothing to evaluate")
+    model = GPT(cfg)
+
+    @jax.jit
+    def loss_sum(params: Any, windows: jax.Array, mask: jax.Array) -> jax.Array:
+        logits, _ = model.apply({"params": params}, windows[:, :-1])
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]) * mask)
+
+    windows, mask = padded_windows(ids, cfg.context_length, batch_size)
+    total = jnp.zeros(())
+    for i in tqdm(range(0, len(windows), batch_size), unit="batch", disable=not progress or None,
+                  file=sys.stderr):
+        total = total + loss_sum(params, windows[i:i + batch_size], mask[i:i + batch_size])
+    count = int(mask.sum())
+    return count, float(total) / count
+
+
+def main(config: ml_collections.ConfigDict) -> None:
+    path = config.eval.text_file or data.default_text_path()
+    text = data.load_text(path)
+    cfg, params = load_model(config)
+    tokens, loss = evaluate_ids(cfg, params, encode(text), config.eval.batch_size)
+    perplexity = math.exp(loss)
+    if config.eval.json:
+        print(json.dumps({"tokens": tokens, "loss": loss, "perplexity": perplexity, "text_file": path}))
+    else:
+        print(f"{path}: {tokens:,} tokens, loss {loss:.4f}, perplexity {perplexity:.2f}")
+
+
+if __name__ == "__main__":
+    from mygpt_jax.cli import run
+
+    run(main)
