@@ -201,7 +201,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         checkpoint.save(run_dir, int(state.step), state.params, meta, state.opt_state, t.max_to_keep)
 
     generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, SamplingSettings.from_config(config.sample))
-    start_time, mark_time, mark_tokens = time.time(), time.time(), tokens_seen
+    start_time = mark_time = time.time()
+    mark_tokens = tokens_seen
+    def log_evaluation(metrics: dict, epoch_number: int) -> None:
+        """Evaluate, print the seed's line, append to metrics.jsonl; tokens/s counts training time alone."""
+        nonlocal mark_time, mark_tokens
+        batch_loss = float(metrics["loss"])  # waits for the steps so far: the timing is exact
+        tokens_per_s = (tokens_seen - mark_tokens) / max(time.time() - mark_time, 1e-9)
+        train_loss = evaluate(eval_step, state.params, splits.train, t.batch_size, t.eval_iter)
+        val_loss = evaluate(eval_step, state.params, splits.val, t.batch_size, t.eval_iter)
+        record = {"update": update, "step": update - 1, "epoch": epoch_number, "tokens_seen": tokens_seen,
+                  "train_loss": train_loss, "val_loss": val_loss, "batch_loss": batch_loss,
+                  "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops_per_token / 1e12,
+                  "time_s": time.time() - start_time}
+        records.append(record)
+        _append_jsonl(metrics_path, record)
+        bar.set_postfix(tok_s=f"{tokens_per_s:.0f}", loss=f"{train_loss:.3f}")
+        bar.write(f"Ep {record['epoch']} (Step {update - 1:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        mark_time, mark_tokens = time.time(), tokens_seen
+
     update = int(state.step)
     if update >= total_steps:
         print(f"{run_dir} is already trained ({update} updates); raise --config.train.num_epochs to train "
@@ -219,20 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                 tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
                 bar.update(1)
                 if (update - 1) % t.eval_freq == 0:
-                    train_loss = evaluate(eval_step, state.params, splits.train, t.batch_size, t.eval_iter)
-                    val_loss = evaluate(eval_step, state.params, splits.val, t.batch_size, t.eval_iter)
-                    now = time.time()
-                    tokens_per_s = (tokens_seen - mark_tokens) / max(now - mark_time, 1e-9)
-                    mark_time, mark_tokens = now, tokens_seen
-                    record = {"update": update, "step": update - 1, "epoch": epoch + 1, "tokens_seen": tokens_seen,
-                              "train_loss": train_loss, "val_loss": val_loss, "batch_loss": float(metrics["loss"]),
-                              "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops_per_token / 1e12,
-                              "time_s": now - start_time}
-                    records.append(record)
-                    _append_jsonl(metrics_path, record)
-                    bar.set_postfix(tok_s=f"{tokens_per_s:.0f}", loss=f"{train_loss:.3f}")
-                    bar.write(f"Ep {epoch + 1} (Step {update - 1:06d}): "
-                              f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                    log_evaluation(metrics, epoch + 1)
                 if update % t.checkpoint_every == 0:
                     save()
                 if update >= total_steps:
@@ -242,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                     generator.params = state.params
                     (ids,), _ = generator.generate(encode(config.sample.prompt), jax.random.key(config.sample.seed))
                     bar.write((config.sample.prompt + decode(ids)).replace("\n", " "))
+                    mark_time, mark_tokens = time.time(), tokens_seen
                 epoch, batch_in_epoch = epoch + 1, 0
     except KeyboardInterrupt:
         bar.close()
@@ -249,9 +255,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         print(f"\nInterrupted: saved update {int(state.step)} to {run_dir}; rerun the same command to resume.",
               file=sys.stderr)
         raise
-    bar.close()
-    if update > (resume_step or 0) or resume_step is None:
+    if update > (resume_step or 0):
+        if records[-1:] and records[-1]["update"] != update:  # the final model's losses, too
+            log_evaluation(metrics, epoch if batch_in_epoch == 0 else epoch + 1)
         save()
+    bar.close()
 
     wall_s = time.time() - start_time
     summary = {"run_dir": run_dir, "num_params": n_params, "updates": int(state.step),

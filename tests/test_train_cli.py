@@ -39,7 +39,7 @@ def test_train_prints_losses_samples_and_writes_run_dir(full_run):
     samples = [line for line in lines if line.startswith("Every effort moves you")]
     assert len(samples) == 2  # one greedy sample after each epoch
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == list(range(0, 72, 5))
+    assert [r["step"] for r in records] == list(range(0, 72, 5)) + [71]  # and the final model
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.5
     assert all(r["tokens_per_s"] > 0 for r in records)
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
