@@ -207,7 +207,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         """Evaluate, print the seed's line, append to metrics.jsonl; tokens/s counts training time alone."""
         nonlocal mark_time, mark_tokens
         batch_loss = float(metrics["loss"])  # waits for the steps so far: the timing is exact
-        tokens_per_s = (tokens_seen - mark_tokens) / max(time.time() - mark_time, 1e-9)
+        if tokens_seen > mark_tokens:
+            tokens_per_s = (tokens_seen - mark_tokens) / max(time.time() - mark_time, 1e-9)
+        else:  # no step since the last measurement (the final evaluation right after an epoch's sample)
+            tokens_per_s = records[-1]["tokens_per_s"]
         train_loss = evaluate(eval_step, state.params, splits.train, t.batch_size, t.eval_iter)
         val_loss = evaluate(eval_step, state.params, splits.val, t.batch_size, t.eval_iter)
         record = {"update": update, "step": update - 1, "epoch": epoch_number, "tokens_seen": tokens_seen,
