@@ -1,0 +1,20 @@
+"""Weight tying: the output head reuses the token embedding (as GPT-2) or has its own matrix (the seed).
+
+Tying removes vocab_size x emb_dim parameters: 38.6M at full size, 12.9M with --quick. With the seed's
+PyTorch-style initialisation the shared matrix starts as N(0, 1), so the tied head's first logits are
+large; the second pair of variants starts from GPT-2's N(0, 0.02) instead.
+
+    python -m mygpt_jax.experiments experiments/weight_tying.py --quick   # about 45 min on 2 CPU cores
+    python -m mygpt_jax.experiments experiments/weight_tying.py           # GPT-2 124M shape: a GPU job
+
+--quick trains the reduced model of QUICK: emb_dim 256, 4 layers, 4 heads (29.0M parameters, 25.7M of
+them in the token embedding and the output head), and estimates the training loss on 1 batch instead of 5
+(the validation split is a single batch either way). Everything else is configs/verdict.py: context 256,
+batch 2, AdamW 4e-4, dropout 0.1, 10 epochs (90 updates).
+"""
+
+BASE = "configs/verdict.py"
+GRID = {"model.init_scheme": ["pytorch", "gpt2"], "model.tie_embeddings": [False, True]}
+SEEDS = [1, 2]
+QUICK = ["--config.model.emb_dim=256", "--config.model.n_layers=4", "--config.model.n_heads=4",
+         "--config.train.eval_iter=1"]
