@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -130,6 +131,24 @@ def _check_same_model(saved: dict, config: ml_collections.ConfigDict, run_dir: s
                         "use another --config.run_name or start fresh with --config.train.resume=False")
 
 
+class _InterruptsBetweenSteps:
+    """Hold Ctrl-C until the end of the block: a step, its evaluation and its checkpoint are never cut in half
+    (an interrupt inside an evaluation would save a step whose metrics were never logged)."""
+
+    def __enter__(self) -> "_InterruptsBetweenSteps":
+        self.received = False
+        self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+        if self.received:
+            raise KeyboardInterrupt
+
+
 def _append_jsonl(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -234,23 +253,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
             order = data.epoch_order(len(splits.train), t.seed, epoch)
             for batch in data.iterate_batches(splits.train, t.batch_size, order, drop_last=True,
                                               start=batch_in_epoch):
-                state, metrics = train_step(state, jnp.asarray(batch), dropout_rng)
-                update += 1  # a host-side copy of state.step: reading the device's would sync
-                batch_in_epoch += 1
-                tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
-                bar.update(1)
-                if (update - 1) % t.eval_freq == 0:
-                    log_evaluation(metrics, epoch + 1)
-                if update % t.checkpoint_every == 0:
-                    save()
-                if update >= total_steps:
-                    break
+                with _InterruptsBetweenSteps():
+                    state, metrics = train_step(state, jnp.asarray(batch), dropout_rng)
+                    update += 1  # a host-side copy of state.step: reading the device's would sync
+                    batch_in_epoch += 1
+                    tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
+                    bar.update(1)
+                    if (update - 1) % t.eval_freq == 0:
+                        log_evaluation(metrics, epoch + 1)
+                    if update % t.checkpoint_every == 0:
+                        save()
+                    if update >= total_steps:
+                        break
             if batch_in_epoch >= steps_per_epoch:
-                if t.sample_every_epoch:
-                    generator.params = state.params
-                    (ids,), _ = generator.generate(encode(config.sample.prompt), jax.random.key(config.sample.seed))
-                    bar.write((config.sample.prompt + decode(ids)).replace("\n", " "))
-                    mark_time, mark_tokens = time.time(), tokens_seen
+                with _InterruptsBetweenSteps():
+                    if t.sample_every_epoch:
+                        generator.params = state.params
+                        (ids,), _ = generator.generate(encode(config.sample.prompt), jax.random.key(config.sample.seed))
+                        bar.write((config.sample.prompt + decode(ids)).replace("\n", " "))
+                        mark_time, mark_tokens = time.time(), tokens_seen
                 epoch, batch_in_epoch = epoch + 1, 0
     except KeyboardInterrupt:
         bar.close()
@@ -259,9 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
               file=sys.stderr)
         raise
     if update > (resume_step or 0):
-        if records[-1:] and records[-1]["update"] != update:  # the final model's losses, too
-            log_evaluation(metrics, epoch if batch_in_epoch == 0 else epoch + 1)
-        save()
+        with _InterruptsBetweenSteps():
+            if records[-1:] and records[-1]["update"] != update:  # the final model's losses, too
+                log_evaluation(metrics, epoch if batch_in_epoch == 0 else epoch + 1)
+            save()
     bar.close()
 
     wall_s = time.time() - start_time
