@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any
@@ -16,8 +17,6 @@ from mygpt_jax.model import ModelConfig, init_params
 
 
 def run_dir(config: ml_collections.ConfigDict) -> str:
-    import os
-
     return os.path.join(config.checkpoint_dir, config.run_name)
 
 
