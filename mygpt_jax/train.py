@@ -213,11 +213,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     print(f"Model: {n_params:,} parameters; {len(splits.train)} training and {len(splits.val)} validation "
           f"windows of {cfg.context_length} tokens; {steps_per_epoch} steps per epoch, {total_steps} in all")
 
+    saved_step = resume_step
+
     def save() -> None:
+        """Checkpoint the current update, unless it is already saved (Ctrl-C right after a periodic save)."""
+        nonlocal saved_step
+        if int(state.step) == saved_step:
+            return
         meta = {"step": int(state.step), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "tokens_seen": tokens_seen, "rng": np.asarray(jax.random.key_data(dropout_rng)).tolist(),
                 "config": config.to_dict()}
         checkpoint.save(run_dir, int(state.step), state.params, meta, state.opt_state, t.max_to_keep)
+        saved_step = int(state.step)
 
     generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, SamplingSettings.from_config(config.sample))
     start_time = mark_time = time.time()
