@@ -389,7 +389,7 @@ def write_markdown(plan: Plan, rows: list[dict], path: str) -> None:
     for variant, rs in by_variant(plan, rows).items():
         ok = [r for r in rs if r["status"] == "ok"]
         cells = [f"**{variant}**" if variant == best else variant,
-                 *(str(sweep.variants[variant].get(key, "(base)")) for key in sweep.keys), f"{len(ok)}/{len(rs)}",
+                 *(str(rs[0][key]) for key in sweep.keys), f"{len(ok)}/{len(rs)}",
                  *(mean_std([r[m] for r in ok], METRICS[m][1]) for m in sweep.metrics)]
         if failed:
             cells.append("; ".join(f"s{r['seed']}: {r['error']}".replace("|", "\\|")
