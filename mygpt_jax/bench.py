@@ -1,18 +1,28 @@
-"""Measure training and decoding against the machine's own limits, in one process and one run.
+"""How fast training and decoding run, against what this machine can do: all measured in one process.
 
-    python -m mygpt_jax.bench --config configs/verdict.py [--json] [--config.model.dtype=bfloat16]
+    python -m mygpt_jax.bench --config configs/verdict.py
+    python -m mygpt_jax.bench --config configs/verdict.py --config.model.dtype=bfloat16 --json
 
-Reported, each next to the limit it is measured against:
-- matmul rate: `jnp.dot` of two square float32 (and bfloat16) matrices, 2 n^3 FLOPs each;
-- copy bandwidth: a jitted elementwise pass over a large array (bytes read + bytes written per second);
-- train step: tokens/s, compile time apart, and achieved FLOP/s as a fraction of the matmul rate (the CPU
-  analogue of MFU). FLOPs per token (`model.matmul_flops_per_token`): 6 x (weights used in matmuls:
-  attention, MLP and the LM head; the token-embedding lookup is free) + 12 L d T for attention scores and
-  the weighted sum; forward + backward = 3 x forward;
-- decode (batch 1, greedy) with the KV cache and by full recompute, tokens/s, and the cached rate as a
-  fraction of the bandwidth limit: every weight read once per token, at half the copy bandwidth (a copy
-  reads and writes);
-- peak host memory (max RSS).
+Measured in this order, on JAX's default device, each after a warm-up, with compile times kept apart:
+
+machine    matmul rate: jnp.dot of two random square matrices (--matmul_size), float32 and bfloat16,
+           2 n^3 FLOPs per product. Read bandwidth: a sum over a float32 array of --copy_mb, bytes read
+           per second; copy bandwidth: y = x + 1 on it in place (donated), bytes read + written per
+           second. All are limits, so each is the best of 5 runs, measured before the train step and
+           again after decoding (other jobs only slow down). See mygpt_jax/hardware.py.
+train      the config's model, batch size, gradient accumulation, optimizer and dtype, jitted as train.py
+           does (whole step, donated state) on random tokens; --steps steps with one sync at the end.
+           FLOPs come from `matmul_flops_per_token`: 6 FLOPs per matmul weight per token (2 forward,
+           4 backward) + 12 L d T for the attention scores and weighted sums; elementwise work is not
+           counted. The fraction is achieved FLOP/s over the measured matmul rate of the compute dtype
+           (the CPU analogue of MFU); on a GPU in hardware.GPU_PEAK_FLOPS, MFU against the chip's peak too.
+decode     batch 1, greedy, --decode_tokens new tokens after the config's prompt, with the Generator
+           (prefill, then a KV-cache decode loop on the device); the prompt's prefill is included. The
+           bandwidth limit is the read bandwidth over the bytes of weights one token reads (every matmul
+           weight, and the whole of wte when the head is tied; one row of each embedding table).
+recompute  the same greedy decoding without a cache: every token runs the model over the whole padded
+           context. The shape never changes, so each token costs the same and --recompute_tokens tokens
+           give the rate of any longer run; its tokens are checked against the cached decoding.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import json
 import resource
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,141 +40,169 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from mygpt_jax import hardware, train
 from mygpt_jax.generate import Generator, SamplingSettings
+from mygpt_jax.hardware import jit_options
 from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
-from mygpt_jax.train import TrainState, create_optimizer, make_train_step
+from mygpt_jax.tokenizer import encode
 
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one compiling step).")
-_DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 32, "Tokens decoded with the KV cache.")
-_RECOMPUTE_TOKENS = flags.DEFINE_integer("recompute_tokens", 4, "Tokens decoded by full recompute.")
-_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matrices of the matmul test.")
-_COPY_MB = flags.DEFINE_integer("copy_mb", 256, "Size of the array of the bandwidth test, in MiB.")
-
-
-def _timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Seconds per call of fn (one warm-up call first, results waited for)."""
-    jax.block_until_ready(fn())
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one warm-up step).", lower_bound=1)
+_DECODE_TOKENS = flags.DEFINE_integer("decode_tokens", 200, "New tokens per decoding (capped to fit the context).",
+                                      lower_bound=1)
+_RECOMPUTE_TOKENS = flags.DEFINE_integer("recompute_tokens", 4, "Tokens decoded without a cache (each costs a "
+                                         "forward pass over the whole context).", lower_bound=1)
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matrices of the matmul rate.",
+                                    lower_bound=1)
+_COPY_MB = flags.DEFINE_integer("copy_mb", 256, "Size of the array read and copied for the memory bandwidths "
+                                "(MiB).", lower_bound=1)
 
 
-def matmul_rate(n: int, dtype: Any) -> float:
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    dot = jax.jit(jnp.dot)
-    return 2 * n**3 / _timed(lambda: dot(a, a), 3)
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def copy_bandwidth(megabytes: int, repeats: int = 5) -> float:
-    """Bytes read + written per second by a jitted elementwise pass (in place: no page faults timed)."""
-    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
-    scale = jax.jit(lambda v: v * 1.0001, donate_argnums=0)
-    x = jax.block_until_ready(scale(x))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        x = scale(x)
-    jax.block_until_ready(x)
-    return 2 * x.nbytes * repeats / (time.perf_counter() - start)
+def machine_limits() -> dict[str, float]:
+    return {"matmul_flops_per_s_float32": hardware.matmul_rate(_MATMUL_SIZE.value, "float32"),
+            "matmul_flops_per_s_bfloat16": hardware.matmul_rate(_MATMUL_SIZE.value, "bfloat16"),
+            "read_bytes_per_s": hardware.read_bandwidth(_COPY_MB.value),
+            "copy_bytes_per_s": hardware.copy_bandwidth(_COPY_MB.value)}
 
 
-def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int) -> dict:
+def weight_bytes_per_token(cfg: ModelConfig, params: Any) -> int:
+    """Bytes of weights one decoding step reads: all but the embedding tables (one row of each is read),
+    except that a tied LM head reads all of wte."""
+    tables = params["wpe"]["embedding"].nbytes + (0 if cfg.tie_embeddings else params["wte"]["embedding"].nbytes)
+    return sum(p.nbytes for p in jax.tree_util.tree_leaves(params)) - tables
+
+
+def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int) -> dict[str, Any]:
+    """Tokens/s and FLOP/s of the jitted train step (train.py's), compile time apart."""
     t = config.train
-    tx = create_optimizer(t, 1000)
-    params = init_params(cfg, jax.random.key(0))
-    state = TrainState(jnp.int32(0), params, tx.init(params))
-    step = jax.jit(make_train_step(GPT(cfg), tx, t.grad_accum_steps), donate_argnums=(0,))
-    batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (t.batch_size, cfg.context_length + 1)),
-                        jnp.int32)
-    rng = jax.random.key(1)
+    tx = train.create_optimizer(t, total_steps=steps + t.warmup_steps + 2)
+    step = jax.jit(train.make_train_step(GPT(cfg), tx, t.grad_accum_steps), donate_argnums=(0,), **jit_options())
+    params = init_params(cfg, jax.random.key(t.seed))
+    num_params = count_params(params)
+    state = train.TrainState(jnp.int32(0), params, tx.init(params))
+    batch = jax.random.randint(jax.random.key(1), (t.batch_size, cfg.context_length + 1), 0, cfg.vocab_size)
+    rng = jax.random.key(2)
+
     start = time.perf_counter()
-    state, metrics = step(state, batch, rng)
-    jax.block_until_ready(metrics)
+    compiled = step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
     start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch, rng)
+    for _ in range(steps):  # no host sync inside the loop, as in training
+        state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / steps
     tokens_per_s = t.batch_size * cfg.context_length / step_s
-    return {"compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens_per_s,
-            "flops_per_s": tokens_per_s * matmul_flops_per_token(cfg), "num_params": count_params(params)}
+    return {"num_params": num_params, "train_compile_s": compile_s, "train_step_s": step_s,
+            "train_tokens_per_s": tokens_per_s, "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
 
 
-def bench_decode(cfg: ModelConfig, params: Any, new_tokens: int, recompute_tokens: int) -> dict:
-    prompt = [int(i) for i in np.random.default_rng(0).integers(0, cfg.vocab_size, 8)]
-    settings = SamplingSettings(max_new_tokens=new_tokens, stop_token=None)
-    generator = Generator(cfg, params, settings)
-    rng = jax.random.key(0)
-    start = time.perf_counter()
-    generator.generate(prompt, rng)
-    compile_s = time.perf_counter() - start
-    cached_s = _timed(lambda: generator.generate(prompt, rng)[0], 1)
-
+def recompute_decode(cfg: ModelConfig, params: Any, prompt: list[int], n_tokens: int) -> tuple[list[int], float, float]:
+    """Greedy decoding without a KV cache: (tokens, compile seconds, seconds for n_tokens)."""
     model = GPT(cfg)
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
 
-    def recompute() -> list[int]:  # no cache: the whole (fixed-shape) context through the model per token
-        ids = list(prompt)
-        for _ in range(recompute_tokens):
-            padded = np.zeros((1, cfg.context_length), np.int32)
-            padded[0, :len(ids)] = ids
-            ids.append(int(jnp.argmax(forward(params, padded)[0, len(ids) - 1])))
-        return ids
+    def decode(params: Any, tokens: jax.Array) -> jax.Array:
+        def next_token(i: jax.Array, tokens: jax.Array) -> jax.Array:
+            logits, _ = model.apply({"params": params}, tokens)  # the whole padded context, every time
+            return tokens.at[0, len(prompt) + i].set(jnp.argmax(logits[0, len(prompt) + i - 1]).astype(jnp.int32))
 
-    recompute_s = _timed(recompute, 1)
-    return {"decode_compile_s": compile_s, "decode_tokens_per_s": new_tokens / cached_s,
-            "recompute_tokens_per_s": recompute_tokens / recompute_s}
+        return jax.lax.fori_loop(0, n_tokens, next_token, tokens)
+
+    padded = jnp.zeros((1, cfg.context_length), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
+    start = time.perf_counter()
+    compiled = jax.jit(decode, **jit_options()).lower(params, padded).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = np.asarray(compiled(params, padded))
+    run_s = time.perf_counter() - start
+    return tokens[0, len(prompt):len(prompt) + n_tokens].tolist(), compile_s, run_s
+
+
+def bench_decode(config: ml_collections.ConfigDict, cfg: ModelConfig, new_tokens: int,
+                 recompute_tokens: int) -> dict[str, Any]:
+    """Batch-1 greedy decoding with the KV cache, and without it (full recompute)."""
+    cfg = dataclasses.replace(cfg, drop_rate=0.0)
+    prompt = encode(config.sample.prompt or "Every effort moves you")[-(cfg.context_length // 2):]
+    new_tokens = min(new_tokens, cfg.context_length - len(prompt))
+    _progress(f"decoding {new_tokens} tokens with the KV cache, twice (the first compiles)")
+    generator = Generator(cfg, init_params(cfg, jax.random.key(0)),
+                          SamplingSettings(max_new_tokens=new_tokens, stop_token=None))
+    start = time.perf_counter()
+    generator.generate(prompt, jax.random.key(0))
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    (cached,), _ = generator.generate(prompt, jax.random.key(0))
+    run_s = time.perf_counter() - start
+
+    recompute_tokens = min(recompute_tokens, new_tokens)
+    _progress(f"decoding {recompute_tokens} tokens without the cache")
+    recomputed, recompute_compile_s, recompute_s = recompute_decode(cfg, generator.params, prompt, recompute_tokens)
+    return {"decode_compile_s": max(first_s - run_s, 0.0), "decode_tokens": new_tokens,
+            "decode_tokens_per_s": new_tokens / run_s,
+            "decode_bytes_per_token": weight_bytes_per_token(cfg, generator.params),
+            "recompute_compile_s": recompute_compile_s, "recompute_tokens_per_s": recompute_tokens / recompute_s,
+            "recompute_matches": recomputed == cached[:recompute_tokens]}
+
+
+def _peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    cfg = ModelConfig.from_config(config.model)
+    _progress(f"matmul rate ({_MATMUL_SIZE.value}^2) and memory bandwidth ({_COPY_MB.value} MiB)")
+    limits = machine_limits()
+    _progress(f"train step: compiling, then 1 + {_STEPS.value} steps")
+    result = bench_train(config, cfg, _STEPS.value)
+    result.update(bench_decode(config, cfg, _DECODE_TOKENS.value, _RECOMPUTE_TOKENS.value))
+    _progress("matmul rate and memory bandwidth again")
+    limits = {key: max(value, again) for (key, value), again in zip(limits.items(), machine_limits().values())}
+
+    peak = hardware.gpu_peak_flops()
+    reference = "bfloat16" if cfg.dtype == "bfloat16" else "float32"  # the matmul rate the step is compared with
+    decode_limit = limits["read_bytes_per_s"] / result["decode_bytes_per_token"]
+    result.update(
+        limits, device=hardware.device_name(), dtype=cfg.dtype, batch_size=config.train.batch_size,
+        context_length=cfg.context_length, train_flops_reference=reference,
+        train_flops_fraction=result["train_flops_per_s"] / limits[f"matmul_flops_per_s_{reference}"],
+        train_mfu=None if peak is None else result["train_flops_per_s"] / peak,
+        decode_limit_tokens_per_s=decode_limit, decode_bandwidth_fraction=result["decode_tokens_per_s"] / decode_limit,
+        kv_cache_speedup=result["decode_tokens_per_s"] / result["recompute_tokens_per_s"],
+        compile_s=result["train_compile_s"] + result["decode_compile_s"] + result["recompute_compile_s"],
+        peak_rss_gb=_peak_rss_bytes() / 1e9,
+    )
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    mfu = "" if r["train_mfu"] is None else f"; MFU {r['train_mfu']:.2f} of the chip's bf16 peak"
+    return "\n".join([
+        f"device: {r['device']}; model {r['num_params']:,} parameters, {r['dtype']}, context {r['context_length']}",
+        f"matmul rate: {r['matmul_flops_per_s_float32'] / 1e9:.1f} GFLOP/s float32, "
+        f"{r['matmul_flops_per_s_bfloat16'] / 1e9:.1f} GFLOP/s bfloat16; "
+        f"memory read {r['read_bytes_per_s'] / 1e9:.1f} GB/s, copy (read + write) {r['copy_bytes_per_s'] / 1e9:.1f} GB/s",
+        f"train step (batch {r['batch_size']} x {r['context_length']}): {r['train_step_s']:.2f} s, "
+        f"{r['train_tokens_per_s']:.1f} tokens/s, {r['train_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+        f"{r['train_flops_fraction']:.2f} of the {r['train_flops_reference']} matmul rate{mfu}",
+        f"decode (batch 1, {r['decode_tokens']} tokens, KV cache): {r['decode_tokens_per_s']:.2f} tokens/s = "
+        f"{r['decode_bandwidth_fraction']:.2f} of the bandwidth limit {r['decode_limit_tokens_per_s']:.2f} tokens/s "
+        f"({r['decode_bytes_per_token'] / 1e6:.0f} MB of weights per token)",
+        f"decode without cache (full recompute): {r['recompute_tokens_per_s']:.3f} tokens/s; KV cache speedup "
+        f"{r['kv_cache_speedup']:.1f}x; same tokens: {r['recompute_matches']}",
+        f"compile: {r['compile_s']:.1f} s (train step {r['train_compile_s']:.1f}, decode {r['decode_compile_s']:.1f}, "
+        f"recompute {r['recompute_compile_s']:.1f}); peak host memory {r['peak_rss_gb']:.2f} GB",
+    ])
 
 
 def main(config: ml_collections.ConfigDict) -> None:
-    cfg = ModelConfig.from_config(config.model)
-    device = jax.devices()[0]
-    compute = jnp.dtype(cfg.dtype)
-    report: dict[str, Any] = {"device": f"{device.platform}:{device.device_kind}", "dtype": cfg.dtype,
-                              "batch_size": config.train.batch_size, "context_length": cfg.context_length}
-    report["matmul_flops_per_s_float32"] = matmul_rate(_MATMUL_SIZE.value, jnp.float32)
-    report["matmul_flops_per_s_bfloat16"] = matmul_rate(_MATMUL_SIZE.value, jnp.bfloat16)
-    report["copy_bytes_per_s"] = copy_bandwidth(_COPY_MB.value)
-
-    train = bench_train(config, cfg, _STEPS.value)
-    peak = report["matmul_flops_per_s_bfloat16" if compute == jnp.bfloat16 else "matmul_flops_per_s_float32"]
-    report.update(num_params=train["num_params"], compile_s=train["compile_s"], train_step_s=train["step_s"],
-                  train_tokens_per_s=train["tokens_per_s"], train_flops_per_s=train["flops_per_s"],
-                  train_flops_fraction=train["flops_per_s"] / peak)
-
-    decode_cfg = dataclasses.replace(cfg, drop_rate=0.0)
-    params = init_params(decode_cfg, jax.random.key(0))
-    decode = bench_decode(decode_cfg, params, _DECODE_TOKENS.value, _RECOMPUTE_TOKENS.value)
-    weight_bytes = sum(p.nbytes for p in jax.tree_util.tree_leaves(params))
-    limit = report["copy_bytes_per_s"] / 2 / weight_bytes
-    report.update(decode, decode_limit_tokens_per_s=limit,
-                  decode_bandwidth_fraction=decode["decode_tokens_per_s"] / limit,
-                  kv_cache_speedup=decode["decode_tokens_per_s"] / decode["recompute_tokens_per_s"],
-                  peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    if _JSON.value:
-        print(json.dumps(report))
-        return
-    rows = [("device", report["device"]),
-            ("matmul float32 / bfloat16", f"{report['matmul_flops_per_s_float32'] / 1e9:.1f} / "
-                                          f"{report['matmul_flops_per_s_bfloat16'] / 1e9:.1f} GFLOP/s"),
-            ("copy bandwidth (read + write)", f"{report['copy_bytes_per_s'] / 1e9:.1f} GB/s"),
-            (f"train step ({cfg.dtype}, batch {config.train.batch_size} x {cfg.context_length})",
-             f"{report['train_step_s']:.2f} s, {report['train_tokens_per_s']:.0f} tokens/s, "
-             f"{report['train_flops_per_s'] / 1e9:.1f} GFLOP/s = {report['train_flops_fraction']:.2f} of matmul"),
-            ("train compile", f"{report['compile_s']:.1f} s"),
-            ("decode, KV cache", f"{report['decode_tokens_per_s']:.1f} tokens/s = "
-                                 f"{report['decode_bandwidth_fraction']:.2f} of the bandwidth limit "
-                                 f"({limit:.1f} tokens/s)"),
-            ("decode, full recompute", f"{report['recompute_tokens_per_s']:.2f} tokens/s "
-                                       f"(KV cache {report['kv_cache_speedup']:.1f}x faster)"),
-            ("peak host memory", f"{report['peak_rss_gb']:.1f} GB")]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    sys.stdout.flush()
+    result = run_benchmark(config)
+    print(json.dumps(result) if _JSON.value else report(result))
 
 
 if __name__ == "__main__":

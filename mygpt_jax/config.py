@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.max_to_keep = 2
     t.sample_every_epoch = True
     t.max_steps = 0  # > 0 stops after this many steps (smoke tests, benchmarks)
+    # The progress display and metrics.jsonl give achieved FLOP/s as a fraction of a GPU's peak, or on a CPU of
+    # jnp.dot's rate on square matrices of this side, measured at start (about a second); 0 skips it.
+    t.flops_matmul_size = 2048
 
     c.sample = s = ml_collections.ConfigDict()
     s.prompt = "Every effort moves you"  # "" = interactive chat
@@ -105,6 +108,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"must divide train.batch_size={t.batch_size}")
     require(t.learning_rate > 0, "train.learning_rate", "must be positive")
     require(t.warmup_steps >= 0 and t.max_steps >= 0, "train.warmup_steps", "must be >= 0")
+    require(t.flops_matmul_size >= 0, "train.flops_matmul_size", "must be >= 0 (0 skips the measurement)")
     require(s.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
     require(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
     require(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")

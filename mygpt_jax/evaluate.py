@@ -10,6 +10,7 @@ the first counts exactly once.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mygpt_jax import data
+from mygpt_jax import data, hardware
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, ModelConfig
 from mygpt_jax.tokenizer import encode
@@ -53,7 +54,7 @@ def evaluate_ids(cfg: ModelConfig, params: Any, ids: list[int], batch_size: int,
         raise UserError("the text has fewer than 2 tokens; nothing to evaluate")
     model = GPT(cfg)
 
-    @jax.jit
+    @functools.partial(jax.jit, **hardware.jit_options())
     def loss_sum(params: Any, windows: jax.Array, mask: jax.Array) -> jax.Array:
         logits, _ = model.apply({"params": params}, windows[:, :-1])
         return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]) * mask)

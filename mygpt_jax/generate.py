@@ -4,6 +4,10 @@
 calls the same jitted step from Python and yields each token as it is made (for the chat). Shapes never
 depend on the prompt length (prompts are padded to a power-of-two bucket) or on the step, so nothing is
 recompiled per token or per prompt of a similar length.
+
+Decoding one sequence is bound by memory bandwidth: every token reads all the weights once. The weights
+are kept in the model's compute dtype, so a bfloat16 model (`--config.model.dtype=bfloat16`) streams half
+the bytes of a float32 one, with the same logits as casting them at every step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from mygpt_jax.errors import UserError
+from mygpt_jax.hardware import jit_options
 from mygpt_jax.model import GPT, KVCache, ModelConfig, init_cache
 from mygpt_jax.tokenizer import END_OF_TEXT_ID
 
@@ -87,11 +92,22 @@ class Generator:
     """Completes token prompts with a trained model (parameters stay on the device between calls)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, settings: SamplingSettings):
-        self.cfg, self.params, self.settings = cfg, params, settings
+        self.cfg, self.settings = cfg, settings
+        self.params = params
         self.model = GPT(cfg)
-        self._prefill = jax.jit(self._prefill_impl, static_argnums=(3,))
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
-        self._loop = jax.jit(self._loop_impl, donate_argnums=(1,))
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(3,), **jit_options())
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,), **jit_options())
+        self._loop = jax.jit(self._loop_impl, donate_argnums=(1,), **jit_options())
+
+    @property
+    def params(self) -> Any:
+        return self._params
+
+    @params.setter
+    def params(self, params: Any) -> None:
+        """Store the weights in the compute dtype (once, instead of casting them at every token)."""
+        dtype = self.cfg.compute_dtype
+        self._params = None if params is None else jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
 
     def _prefill_impl(self, params: Any, padded: jax.Array, length: jax.Array, max_new: int,
                       rng: jax.Array) -> DecodeState:

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mygpt_jax import checkpoint, data
+from mygpt_jax import checkpoint, data, hardware
 from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
@@ -180,8 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
 
     model = GPT(cfg)
     tx = create_optimizer(t, total_steps)
-    train_step = jax.jit(make_train_step(model, tx, t.grad_accum_steps), donate_argnums=(0,))
-    eval_step = jax.jit(lambda p, b: loss_fn(model, p, b, None))
+    train_step = jax.jit(make_train_step(model, tx, t.grad_accum_steps), donate_argnums=(0,), **hardware.jit_options())
+    eval_step = jax.jit(lambda p, b: loss_fn(model, p, b, None), **hardware.jit_options())
     init_rng, dropout_rng = jax.random.split(jax.random.key(t.seed))
 
     run_dir = os.path.join(config.checkpoint_dir, config.run_name)
@@ -210,8 +210,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
 
     n_params = count_params(state.params)
     flops_per_token = matmul_flops_per_token(cfg)
+    peak_flops, peak_name = (hardware.flops_reference(cfg.dtype, t.flops_matmul_size) if t.flops_matmul_size
+                             else (None, None))
     print(f"Model: {n_params:,} parameters; {len(splits.train)} training and {len(splits.val)} validation "
           f"windows of {cfg.context_length} tokens; {steps_per_epoch} steps per epoch, {total_steps} in all")
+    if peak_flops:
+        print(f"Speed: {flops_per_token / 1e9:.3f} GFLOP per token (matmuls only), shown as a fraction of "
+              f"{peak_name}, {peak_flops / 1e9:,.0f} GFLOP/s")
 
     saved_step = resume_step
 
@@ -242,10 +247,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         record = {"update": update, "step": update - 1, "epoch": epoch_number, "tokens_seen": tokens_seen,
                   "train_loss": train_loss, "val_loss": val_loss, "batch_loss": batch_loss,
                   "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops_per_token / 1e12,
+                  "flops_fraction": tokens_per_s * flops_per_token / peak_flops if peak_flops else None,
                   "time_s": time.time() - start_time}
         records.append(record)
         _append_jsonl(metrics_path, record)
-        bar.set_postfix(tok_s=f"{tokens_per_s:.0f}", loss=f"{train_loss:.3f}")
+        bar.set_postfix(tok_s=f"{tokens_per_s:.0f}", loss=f"{train_loss:.3f}",
+                        **({"flops": f"{record['flops_fraction']:.2f}"} if peak_flops else {}))
         bar.write(f"Ep {record['epoch']} (Step {update - 1:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
         mark_time, mark_tokens = time.time(), tokens_seen
 

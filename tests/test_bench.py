@@ -7,16 +7,25 @@ from tests.utils import run_cli
 
 FIELDS = ("train_tokens_per_s", "train_flops_fraction", "decode_tokens_per_s", "decode_bandwidth_fraction",
           "kv_cache_speedup", "compile_s", "device")
+SMALL = ("--steps=1", "--decode_tokens=6", "--recompute_tokens=3", "--matmul_size=256", "--copy_mb=8")
 
 
 def test_bench_prints_valid_json_with_every_field():
-    result = run_cli("bench", "--json", "--steps=1", "--decode_tokens=4", "--recompute_tokens=2",
-                     "--matmul_size=256", "--copy_mb=8", "--config.train.batch_size=2")
+    result = run_cli("bench", "--json", *SMALL, "--config.train.batch_size=2")
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout)  # stdout holds the JSON object and nothing else
     for field in FIELDS:
         assert field in report, field
     assert report["device"].startswith("cpu")
     numbers = [report[f] for f in FIELDS if f != "device"]
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in numbers)
-    assert report["num_params"] == 3_242_752 and report["batch_size"] == 2
+    assert report["num_params"] == 3_242_752 and report["batch_size"] == 2 and report["dtype"] == "float32"
+    assert report["decode_tokens"] == 6 and report["recompute_matches"]  # cached decoding = full recompute
+    assert report["train_mfu"] is None  # no GPU peak to compare with on a CPU
+
+
+def test_bench_rejects_a_bad_flag_on_one_line():
+    result = run_cli("bench", "--steps=0")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "steps" in lines[0], result.stderr

@@ -77,3 +77,13 @@ def test_long_prompts_keep_their_last_tokens():
     assert n == 63 and ids == [2] and len(notes) == 2
     with pytest.raises(UserError):
         fit_prompt([], 64, 10)
+
+
+def test_bfloat16_decoding_streams_bfloat16_weights_and_gives_the_same_greedy_text():
+    params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
+    settings = SamplingSettings(max_new_tokens=30, stop_token=None)
+    (f32,), _ = Generator(CFG, params, settings).generate([5, 17, 3, 88, 41], jax.random.key(0))
+    bf16 = Generator(dataclasses.replace(CFG, dtype="bfloat16"), params, settings)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(bf16.params))
+    (ids,), _ = bf16.generate([5, 17, 3, 88, 41], jax.random.key(0))
+    assert ids == f32

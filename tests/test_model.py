@@ -10,7 +10,7 @@ import pytest
 
 from mygpt_jax import train
 from mygpt_jax.config import base_config
-from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
+from mygpt_jax.model import GPT, Dropout, ModelConfig, count_params, init_cache, init_params, matmul_flops_per_token
 
 TINY = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 SMALL_VOCAB = dataclasses.replace(TINY, vocab_size=512)
@@ -147,3 +147,29 @@ def test_optimizer_schedule_and_clipping():
     updates, _ = tx.update({"w": jnp.full(3, 1e6)}, state, params)
     assert jnp.all(jnp.isfinite(updates["w"]))
     assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_dropout_drops_at_its_rate_and_keeps_the_mean():
+    x = jnp.ones((200, 500))
+
+    def drop(key):
+        return Dropout(0.1).apply({}, x, False, rngs={"dropout": key})
+
+    a, b, a_again = drop(jax.random.key(0)), drop(jax.random.key(1)), drop(jax.random.key(0))
+    assert abs(float(jnp.mean(a == 0)) - 0.1) < 0.005
+    np.testing.assert_allclose(np.unique(np.asarray(a)), [0.0, 1 / 0.9], rtol=1e-6)
+    np.testing.assert_array_equal(a, a_again)  # reproducible from the key
+    assert float(jnp.mean((a == 0) & (b == 0))) < 0.015  # independent masks: about 0.1 x 0.1
+    np.testing.assert_array_equal(Dropout(0.1).apply({}, x, True), x)
+
+
+def test_decoding_in_chunks_through_the_cache_equals_one_forward_pass():
+    params = init_params(TINY, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 50257)
+    full = forward(TINY, params, tokens)
+    cache, chunks = init_cache(TINY, 2), []
+    for start, stop in ((0, 5), (5, 6), (6, 12)):  # a prompt, one token, then several at once
+        logits, cache = jax.jit(GPT(TINY).apply)({"params": params}, tokens[:, start:stop], cache=cache,
+                                                 cache_index=start)
+        chunks.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(chunks, axis=1), full, atol=1e-5)

@@ -34,14 +34,15 @@ def test_train_prints_losses_samples_and_writes_run_dir(full_run):
     run_dir = ckpt / "tiny"
     lines = result.stdout.splitlines()
     assert "Model: 3,242,752 parameters" in result.stdout
-    assert lines.count("Ep 1 (Step 000000): " + lines[1].split(": ", 1)[1]) == 1
+    assert lines[1].startswith("Speed: ") and "of the measured float32 matmul rate" in lines[1]
+    assert lines.count("Ep 1 (Step 000000): " + lines[2].split(": ", 1)[1]) == 1
     assert any(line.startswith("Ep 2 (Step 000070): Train loss ") for line in lines)
     samples = [line for line in lines if line.startswith("Every effort moves you")]
     assert len(samples) == 2  # one greedy sample after each epoch
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(0, 72, 5)) + [71]  # and the final model
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.5
-    assert all(r["tokens_per_s"] > 0 for r in records)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["flops_fraction"] < 2 for r in records)
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["updates"] == 72 and summary["num_params"] == 3_242_752
