@@ -186,7 +186,8 @@ def report(r: dict[str, Any]) -> str:
         f"device: {r['device']}; model {r['num_params']:,} parameters, {r['dtype']}, context {r['context_length']}",
         f"matmul rate: {r['matmul_flops_per_s_float32'] / 1e9:.1f} GFLOP/s float32, "
         f"{r['matmul_flops_per_s_bfloat16'] / 1e9:.1f} GFLOP/s bfloat16; "
-        f"memory read {r['read_bytes_per_s'] / 1e9:.1f} GB/s, copy (read + write) {r['copy_bytes_per_s'] / 1e9:.1f} GB/s",
+        f"memory read {r['read_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"copy (read + write) {r['copy_bytes_per_s'] / 1e9:.1f} GB/s",
         f"train step (batch {r['batch_size']} x {r['context_length']}): {r['train_step_s']:.2f} s, "
         f"{r['train_tokens_per_s']:.1f} tokens/s, {r['train_flops_per_s'] / 1e9:.1f} GFLOP/s = "
         f"{r['train_flops_fraction']:.2f} of the {r['train_flops_reference']} matmul rate{mfu}",
