@@ -80,7 +80,7 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int)
     """Tokens/s and FLOP/s of the jitted train step (train.py's), compile time apart."""
     t = config.train
     tx = train.create_optimizer(t, total_steps=steps + t.warmup_steps + 2)
-    step = jax.jit(train.make_train_step(GPT(cfg), tx, t.grad_accum_steps), donate_argnums=(0,), **jit_options())
+    step = train.jit_train_step(GPT(cfg), tx, t.grad_accum_steps)
     params = init_params(cfg, jax.random.key(t.seed))
     num_params = count_params(params)
     state = train.TrainState(jnp.int32(0), params, tx.init(params))
