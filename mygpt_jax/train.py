@@ -85,7 +85,7 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation,
             loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": _global_norm(grads)}
+        metrics = {"loss": loss}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
@@ -94,10 +94,6 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation,
 def jit_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int) -> Callable:
     """The train step as training runs it (and the bench times it): jitted whole, the state donated."""
     return jax.jit(make_train_step(model, tx, grad_accum_steps), donate_argnums=(0,), **hardware.jit_options())
-
-
-def _global_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def evaluate(eval_step: Callable, params: Any, windows: np.ndarray, batch_size: int, max_batches: int) -> float:
