@@ -23,6 +23,8 @@ decode     batch 1, greedy, --decode_tokens new tokens after the config's prompt
 recompute  the same greedy decoding without a cache: every token runs the model over the whole padded
            context. The shape never changes, so each token costs the same and --recompute_tokens tokens
            give the rate of any longer run; its tokens are checked against the cached decoding.
+profile    with --profile, one more train step compiled to record its XLA ops in a jax.profiler trace:
+           the seconds of each kind of op (mygpt_jax/profiling.py), in the report and as `train_profile`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from mygpt_jax import hardware, train
+from mygpt_jax import hardware, profiling, train
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.hardware import jit_options
 from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
@@ -54,6 +56,8 @@ _RECOMPUTE_TOKENS = flags.DEFINE_integer("recompute_tokens", 4, "Tokens decoded 
                                          "forward pass over the whole context).", lower_bound=1)
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matrices of the matmul rate.",
                                     lower_bound=1)
+_PROFILE = flags.DEFINE_bool("profile", False, "Also time one train step op by op (jax.profiler) and report where "
+                              "its time goes.")
 _COPY_MB = flags.DEFINE_integer("copy_mb", 256, "Size of the array read and copied for the memory bandwidths "
                                 "(MiB).", lower_bound=1)
 
@@ -76,8 +80,10 @@ def weight_bytes_per_token(cfg: ModelConfig, params: Any) -> int:
     return sum(p.nbytes for p in jax.tree_util.tree_leaves(params)) - tables
 
 
-def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int) -> dict[str, Any]:
-    """Tokens/s and FLOP/s of the jitted train step (train.py's), compile time apart."""
+def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int, profile: bool = False
+                ) -> dict[str, Any]:
+    """Tokens/s and FLOP/s of the jitted train step (train.py's), compile time apart; with `profile`, also
+    {XLA op kind: (seconds, count)} of one more step (`profiling.op_seconds`)."""
     t = config.train
     tx = train.create_optimizer(t, total_steps=steps + t.warmup_steps + 2)
     step = train.jit_train_step(GPT(cfg), tx, t.grad_accum_steps)
@@ -98,8 +104,15 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / steps
     tokens_per_s = t.batch_size * cfg.context_length / step_s
-    return {"num_params": num_params, "train_compile_s": compile_s, "train_step_s": step_s,
-            "train_tokens_per_s": tokens_per_s, "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
+    result = {"num_params": num_params, "train_compile_s": compile_s, "train_step_s": step_s,
+              "train_tokens_per_s": tokens_per_s, "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
+    if profile:
+        _progress("train step: compiling it to record its ops, then one profiled step")
+        traced = train.jit_train_step(GPT(cfg), tx, t.grad_accum_steps, profile=True).lower(state, batch, rng).compile()
+        state, metrics = traced(state, batch, rng)  # warm-up
+        jax.block_until_ready(metrics)
+        result["train_profile"] = profiling.op_seconds(lambda: traced(state, batch, rng)[1])
+    return result
 
 
 def recompute_decode(cfg: ModelConfig, params: Any, prompt: list[int], n_tokens: int) -> tuple[list[int], float, float]:
@@ -159,7 +172,7 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
     _progress(f"matmul rate ({_MATMUL_SIZE.value}^2) and memory bandwidth ({_COPY_MB.value} MiB)")
     limits = machine_limits()
     _progress(f"train step: compiling, then 1 + {_STEPS.value} steps")
-    result = bench_train(config, cfg, _STEPS.value)
+    result = bench_train(config, cfg, _STEPS.value, _PROFILE.value)
     result.update(bench_decode(config, cfg, _DECODE_TOKENS.value, _RECOMPUTE_TOKENS.value))
     _progress("matmul rate and memory bandwidth again")
     limits = {key: max(value, again) for (key, value), again in zip(limits.items(), machine_limits().values())}
@@ -180,8 +193,23 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return result
 
 
+def profile_lines(ops: dict[str, tuple[float, int]], top: int = 12) -> list[str]:
+    """The op kinds that took most of one profiled train step, one line each."""
+    if not ops:
+        return ["where the train step's time goes: no per-op events were recorded on this backend"]
+    total = sum(s for s, _ in ops.values())
+    lines = [f"where one train step's {total:.2f} s goes (XLA ops; seconds, share, how many):"]
+    lines += [f"  {kind:<32} {s:7.3f} s {s / total:6.1%} {n:6d}" for kind, (s, n) in list(ops.items())[:top]]
+    rest = list(ops.values())[top:]
+    if rest:
+        lines.append(f"  {'the other ' + str(len(rest)) + ' kinds':<32} {sum(s for s, _ in rest):7.3f} s "
+                     f"{sum(s for s, _ in rest) / total:6.1%} {sum(n for _, n in rest):6d}")
+    return lines
+
+
 def report(r: dict[str, Any]) -> str:
     mfu = "" if r["train_mfu"] is None else f"; MFU {r['train_mfu']:.2f} of the chip's bf16 peak"
+    profile = profile_lines(r["train_profile"]) if "train_profile" in r else []
     return "\n".join([
         f"device: {r['device']}; model {r['num_params']:,} parameters, {r['dtype']}, context {r['context_length']}",
         f"matmul rate: {r['matmul_flops_per_s_float32'] / 1e9:.1f} GFLOP/s float32, "
@@ -198,6 +226,7 @@ def report(r: dict[str, Any]) -> str:
         f"{r['kv_cache_speedup']:.1f}x; same tokens: {r['recompute_matches']}",
         f"compile: {r['compile_s']:.1f} s (train step {r['train_compile_s']:.1f}, decode {r['decode_compile_s']:.1f}, "
         f"recompute {r['recompute_compile_s']:.1f}); peak host memory {r['peak_rss_gb']:.2f} GB",
+        *profile,
     ])
 
 

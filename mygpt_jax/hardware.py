@@ -21,7 +21,7 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 @functools.cache
-def jit_options() -> dict[str, Any]:
+def jit_options(profile: bool = False) -> dict[str, Any]:
     """Extra `jax.jit` arguments for the model's steps on this backend: `jax.jit(step, **jit_options())`.
 
     For XLA:CPU builds with YNNPACK (measured with jax 0.10.2, bench table in the README):
@@ -31,12 +31,15 @@ def jit_options() -> dict[str, Any]:
       (Matmuls fused with their neighbours made bfloat16 4x slower.)
     - copy insertion uses region analysis: without it XLA copies every layer's KV cache at every
       decoding step instead of updating it in place.
-    Other backends, and jax/XLA versions without these options (jax-metal's 0.4.x), get nothing.
+    `profile=True` also makes XLA:CPU record every op in a jax.profiler trace (`profiling.op_seconds`; GPUs
+    always do). Other backends, and jax/XLA versions without these options (jax-metal's 0.4.x), get nothing.
     """
     if jax.default_backend() != "cpu":
         return {}
     options = {"compiler_options": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
                                     "xla_cpu_copy_insertion_use_region_analysis": True}}
+    if profile:
+        options["compiler_options"]["xla_cpu_enable_xprof_traceme"] = True
     try:
         jax.jit(jnp.sum, **options).lower(jnp.zeros(2)).compile()
     except (TypeError, RuntimeError, ValueError):  # a jax.jit without compiler_options, or an XLA without these

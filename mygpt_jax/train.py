@@ -91,9 +91,12 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation,
     return train_step
 
 
-def jit_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int) -> Callable:
-    """The train step as training runs it (and the bench times it): jitted whole, the state donated."""
-    return jax.jit(make_train_step(model, tx, grad_accum_steps), donate_argnums=(0,), **hardware.jit_options())
+def jit_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int,
+                   profile: bool = False) -> Callable:
+    """The train step as training runs it (and the bench times it): jitted whole, the state donated.
+    `profile=True` compiles it to record every XLA op in a profiler trace (`hardware.jit_options`)."""
+    return jax.jit(make_train_step(model, tx, grad_accum_steps), donate_argnums=(0,),
+                   **hardware.jit_options(profile))
 
 
 def evaluate(eval_step: Callable, params: Any, windows: np.ndarray, batch_size: int, max_batches: int) -> float:

@@ -1,0 +1,52 @@
+"""Where a jitted function's time goes: seconds per kind of XLA op, from a jax.profiler trace.
+
+    seconds = op_seconds(lambda: step(state, batch, rng))   # {"ynn_fusion": (3.3, 122), ...}
+
+The function must be compiled with `hardware.jit_options(profile=True)` on a CPU, where XLA records an
+event per op only when asked. Ops are grouped by their HLO name without the numeric suffix: on XLA:CPU,
+`ynn_fusion` is a matmul run by YNNPACK, `dot`/`dot_general` a matmul run by Eigen, `*_fusion` fused
+elementwise work named after its ops, `wrapped_reduce-window` one half of a reduction that XLA split in two.
+On the CPU each op runs on both cores, one after the other, so the seconds add up to the call's time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import tempfile
+from typing import Any, Callable
+
+import jax
+
+# The CPU executor's own spans and thread-pool markers, the markers that close ops, YNNPACK's waits.
+_NOT_OPS = ("ThunkExecutor", "ThreadpoolListener", "end: ", "SlinkyThreadPool")
+
+
+def _is_op_line(plane: str, line: str) -> bool:
+    """XLA:CPU's ops run on its Eigen worker threads; a GPU's are on the device plane's "XLA Ops" line."""
+    return line.startswith("tf_XLAEigen") if plane == "/host:CPU" else line == "XLA Ops"
+
+
+def op_seconds(run: Callable[[], Any]) -> dict[str, tuple[float, int]]:
+    """{op kind: (seconds, how many ops)} over one call of `run`, most time first; empty if none recorded."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        try:
+            jax.block_until_ready(run())
+        finally:
+            jax.profiler.stop_trace()
+        traces = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(traces[0])
+    seconds, counts = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if not _is_op_line(plane.name, line.name):
+                continue
+            for event in line.events:
+                if not event.name.startswith(_NOT_OPS):
+                    kind = re.sub(r"\.\d+$", "", event.name)
+                    seconds[kind] += event.duration_ns / 1e9
+                    counts[kind] += 1
+    return {kind: (s, counts[kind]) for kind, s in seconds.most_common()}
