@@ -196,7 +196,8 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def profile_lines(ops: dict[str, tuple[float, int]], top: int = 12) -> list[str]:
     """The op kinds that took most of one profiled train step, one line each."""
     if not ops:
-        return ["where the train step's time goes: no per-op events were recorded on this backend"]
+        return ["where the train step's time goes: no per-op events were recorded (this backend or jax version "
+                "cannot profile ops)"]
     total = sum(s for s, _ in ops.values())
     lines = [f"where one train step's {total:.2f} s goes (XLA ops; seconds, share, how many):"]
     lines += [f"  {kind:<32} {s:7.3f} s {s / total:6.1%} {n:6d}" for kind, (s, n) in list(ops.items())[:top]]

@@ -47,6 +47,11 @@ def jit_options(profile: bool = False) -> dict[str, Any]:
     return options
 
 
+def can_read_profiles() -> bool:
+    """Whether this jax reads a profiler trace back in Python (jax.profiler.ProfileData: not in jax 0.4.34)."""
+    return hasattr(jax.profiler, "ProfileData")
+
+
 def _best_seconds(fn: Any, *args: Any, repeats: int) -> float:
     jax.block_until_ready(fn(*args))  # compile and warm up
     times = []

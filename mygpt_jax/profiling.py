@@ -6,7 +6,9 @@ The function must be compiled with `hardware.jit_options(profile=True)` on a CPU
 event per op only when asked. Ops are grouped by their HLO name without the numeric suffix: on XLA:CPU,
 `ynn_fusion` is a matmul run by YNNPACK, `dot`/`dot_general` a matmul run by Eigen, `*_fusion` fused
 elementwise work named after its ops, `wrapped_reduce-window` one half of a reduction that XLA split in two.
-On the CPU each op runs on both cores, one after the other, so the seconds add up to the call's time.
+On the CPU each op runs on both cores, one after the other, so the seconds add up to most of the call's
+time (not the executor's gaps between ops; an Eigen matmul runs asynchronously, so part of its time shows
+in the ops after it).
 """
 
 from __future__ import annotations
@@ -20,17 +22,23 @@ from typing import Any, Callable
 
 import jax
 
+from mygpt_jax import hardware
+
 # The CPU executor's own spans and thread-pool markers, the markers that close ops, YNNPACK's waits.
 _NOT_OPS = ("ThunkExecutor", "ThreadpoolListener", "end: ", "SlinkyThreadPool")
 
 
 def _is_op_line(plane: str, line: str) -> bool:
-    """XLA:CPU's ops run on its Eigen worker threads; a GPU's are on the device plane's "XLA Ops" line."""
-    return line.startswith("tf_XLAEigen") if plane == "/host:CPU" else line == "XLA Ops"
+    """XLA:CPU's ops run on its threads (tf_XLAEigen/..., tf_XLAPjRtCpuClient/... for small programs);
+    a GPU's are on the device plane's "XLA Ops" line."""
+    return line.startswith("tf_XLA") if plane == "/host:CPU" else line == "XLA Ops"
 
 
 def op_seconds(run: Callable[[], Any]) -> dict[str, tuple[float, int]]:
-    """{op kind: (seconds, how many ops)} over one call of `run`, most time first; empty if none recorded."""
+    """{op kind: (seconds, how many ops)} over one call of `run`, most time first; empty if none recorded
+    (or if this jax cannot read a trace back: `hardware.can_read_profiles`)."""
+    if not hardware.can_read_profiles():
+        return {}
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         try:

@@ -1,0 +1,20 @@
+"""profiling.op_seconds reads a real jax.profiler trace back into seconds per kind of XLA op."""
+
+import jax
+import jax.numpy as jnp
+
+from mygpt_jax import bench, hardware, profiling
+
+
+def test_op_seconds_finds_the_ops_of_a_jitted_function_and_the_report_lists_them():
+    layer = jax.jit(lambda x, w: jnp.tanh(x @ w).sum(), **hardware.jit_options(profile=True))
+    x, w = jnp.ones((256, 512)), jnp.ones((512, 256))
+    layer(x, w).block_until_ready()  # compile outside the trace
+    ops = profiling.op_seconds(lambda: layer(x, w))
+
+    assert any(kind.startswith(("ynn_fusion", "dot")) for kind in ops), ops  # the matmul
+    assert len(ops) >= 2  # and the elementwise work after it
+    assert all(count >= 1 for _, count in ops.values())
+    lines = bench.profile_lines(ops, top=1)
+    assert lines[1].split()[0] == next(iter(ops))  # the kind that took most time comes first
+    assert lines[-1].strip().startswith(f"the other {len(ops) - 1} kinds")
