@@ -10,7 +10,8 @@ import pytest
 
 from mygpt_jax import train
 from mygpt_jax.config import base_config
-from mygpt_jax.model import GPT, Dropout, ModelConfig, count_params, init_cache, init_params, matmul_flops_per_token
+from mygpt_jax.model import (GPT, Dropout, ModelConfig, count_params, init_cache, init_params, matmul,
+                             matmul_flops_per_token)
 
 TINY = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 SMALL_VOCAB = dataclasses.replace(TINY, vocab_size=512)
@@ -84,6 +85,20 @@ def test_tiny_model_overfits_one_batch():
         state, metrics = step(state, batch, jax.random.key(0))
         losses.append(float(metrics["loss"]))
     assert losses[0] > 5.5 and losses[-1] < 0.2
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_dense_matmul_has_autodiffs_values_and_gradients(dtype, tolerance):
+    x, w, dy = (jax.random.normal(jax.random.key(i), shape, dtype)
+                for i, shape in enumerate([(2, 5, 8), (8, 3), (2, 5, 3)]))
+
+    def value_and_grads(product):
+        return jax.jit(jax.value_and_grad(lambda x, w: (product(x, w) * dy).sum(), argnums=(0, 1)))(x, w)
+
+    ours, autodiff = value_and_grads(matmul), value_and_grads(lambda x, w: x @ w)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(autodiff)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tolerance, atol=tolerance)
 
 
 def test_gradient_accumulation_equals_the_full_batch():
