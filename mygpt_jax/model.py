@@ -257,7 +257,7 @@ class GPT(nn.Module):
 
         x = _layer_norm(cfg, "ln_f")(x)
         if cfg.tie_embeddings:
-            logits = wte.attend(x)
+            logits = matmul(x.astype(cfg.compute_dtype), wte.embedding.astype(cfg.compute_dtype).T)
         else:
             logits = _dense(cfg, cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), "lm_head", use_bias=False)(x)
         return logits.astype(jnp.float32), (None if cache is None else new_cache)
