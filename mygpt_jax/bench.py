@@ -199,7 +199,8 @@ def profile_lines(ops: dict[str, tuple[float, int]], top: int = 12) -> list[str]
         return ["where the train step's time goes: no per-op events were recorded (this backend or jax version "
                 "cannot profile ops)"]
     total = sum(s for s, _ in ops.values())
-    lines = [f"where one train step's {total:.2f} s goes (XLA ops; seconds, share, how many):"]
+    lines = [f"where one train step's {total:.2f} s goes (XLA ops, those running at once sharing the time; "
+             "seconds, share, how many):"]
     lines += [f"  {kind:<32} {s:7.3f} s {s / total:6.1%} {n:6d}" for kind, (s, n) in list(ops.items())[:top]]
     rest = list(ops.values())[top:]
     if rest:

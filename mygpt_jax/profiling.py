@@ -6,9 +6,9 @@ The function must be compiled with `hardware.jit_options(profile=True)` on a CPU
 event per op only when asked. Ops are grouped by their HLO name without the numeric suffix: on XLA:CPU,
 `ynn_fusion` is a matmul run by YNNPACK, `dot`/`dot_general` a matmul run by Eigen, `*_fusion` fused
 elementwise work named after its ops, `wrapped_reduce-window` one half of a reduction that XLA split in two.
-On the CPU each op runs on both cores, one after the other, so the seconds add up to most of the call's
-time (not the executor's gaps between ops; an Eigen matmul runs asynchronously, so part of its time shows
-in the ops after it).
+Ops that run at the same time on different threads share those seconds, so the seconds add up to the
+time some op was running: about the call's time (an Eigen matmul runs asynchronously, so part of its
+time may show in the ops after it).
 """
 
 from __future__ import annotations
@@ -47,14 +47,30 @@ def op_seconds(run: Callable[[], Any]) -> dict[str, tuple[float, int]]:
             jax.profiler.stop_trace()
         traces = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
         data = jax.profiler.ProfileData.from_file(traces[0])
-    seconds, counts = collections.Counter(), collections.Counter()
-    for plane in data.planes:
-        for line in plane.lines:
-            if not _is_op_line(plane.name, line.name):
-                continue
-            for event in line.events:
-                if not event.name.startswith(_NOT_OPS):
-                    kind = re.sub(r"\.\d+$", "", event.name)
-                    seconds[kind] += event.duration_ns / 1e9
-                    counts[kind] += 1
+    ops = [(event.start_ns, event.start_ns + event.duration_ns, re.sub(r"\.\d+$", "", event.name))
+           for plane in data.planes for line in plane.lines if _is_op_line(plane.name, line.name)
+           for event in line.events if not event.name.startswith(_NOT_OPS)]
+    seconds = _share_overlaps(ops)
+    counts = collections.Counter(kind for _, _, kind in ops)
     return {kind: (s, counts[kind]) for kind, s in seconds.most_common()}
+
+
+def _share_overlaps(ops: list[tuple[int, int, str]]) -> collections.Counter:
+    """Seconds per kind where ops running at the same time (on different threads) share each instant
+    equally, so the seconds add up to the time any op was running, not more."""
+    edges = sorted({t for start, end, _ in ops for t in (start, end)})
+    seconds: collections.Counter = collections.Counter()
+    for _, _, kind in ops:
+        seconds[kind] += 0.0  # every kind is listed, even one whose ops took no measurable time
+    starts = sorted(ops)
+    running: list[tuple[int, str]] = []  # (end, kind) of the ops running in the current segment
+    i = 0
+    for left, right in zip(edges, edges[1:]):
+        running = [(end, kind) for end, kind in running if end > left]
+        while i < len(starts) and starts[i][0] <= left:
+            if starts[i][1] > left:
+                running.append((starts[i][1], starts[i][2]))
+            i += 1
+        for _, kind in running:
+            seconds[kind] += (right - left) / 1e9 / len(running)
+    return seconds

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from mygpt_jax import bench, hardware, profiling
 
@@ -18,3 +19,11 @@ def test_op_seconds_finds_the_ops_of_a_jitted_function_and_the_report_lists_them
     lines = bench.profile_lines(ops, top=1)
     assert lines[1].split()[0] == next(iter(ops))  # the kind that took most time comes first
     assert lines[-1].strip().startswith(f"the other {len(ops) - 1} kinds")
+
+
+def test_ops_running_at_the_same_time_share_those_seconds():
+    ms = 1_000_000  # ns
+    ops = [(0, 10 * ms, "dot"), (5 * ms, 15 * ms, "add"), (20 * ms, 30 * ms, "dot"), (40 * ms, 40 * ms, "copy")]
+    seconds = profiling._share_overlaps(ops)
+    assert seconds == {"dot": pytest.approx(0.0175), "add": pytest.approx(0.0075), "copy": 0.0}
+    assert sum(seconds.values()) == pytest.approx(0.025)  # the time some op was running: 0-15 and 20-30 ms
