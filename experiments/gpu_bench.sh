@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 5's GPU figures in one short run: the bench at GPT-2 124M, context 1024, bfloat16 compute, with a
-# batch that fills an 80 GB H100/H200 (BATCH, default 16), printed as one JSON object after the GPU's name.
+# Issue 5's GPU figures in one short run: the bench at GPT-2 124M, context 1024, bfloat16 compute, at batch
+# BATCH (default 16: estimated, not yet measured, to fit an 80 GB H100 in about 35 GB; an H200 has 141 GB),
+# printed as one JSON object after the GPU's name.
 #
 # On a lent GPU machine (the device tool): its image has jax with CUDA, flax, optax, orbax and tiktoken but
 # not ml_collections, and nothing can be fetched there, so first, here, in the repository root:

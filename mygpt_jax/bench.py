@@ -108,10 +108,11 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int,
               "train_tokens_per_s": tokens_per_s, "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
     if profile:
         _progress("train step: compiling it to record its ops, then one profiled step")
-        traced = train.jit_train_step(GPT(cfg), tx, t.grad_accum_steps, profile=True).lower(state, batch, rng).compile()
-        state, metrics = traced(state, batch, rng)  # warm-up
+        profiled_step = train.jit_train_step(GPT(cfg), tx, t.grad_accum_steps, profile=True).lower(
+            state, batch, rng).compile()
+        state, metrics = profiled_step(state, batch, rng)  # warm-up
         jax.block_until_ready(metrics)
-        result["train_profile"] = profiling.op_seconds(lambda: traced(state, batch, rng)[1])
+        result["train_profile"] = profiling.op_seconds(lambda: profiled_step(state, batch, rng)[1])
     return result
 
 
@@ -195,10 +196,10 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def profile_lines(ops: dict[str, tuple[float, int]], top: int = 12) -> list[str]:
     """The op kinds that took most of one profiled train step, one line each."""
-    if not ops:
+    total = sum(s for s, _ in ops.values())
+    if not total:
         return ["where the train step's time goes: no per-op events were recorded (this backend or jax version "
                 "cannot profile ops)"]
-    total = sum(s for s, _ in ops.values())
     lines = [f"where one train step's {total:.2f} s goes (XLA ops, those running at once sharing the time; "
              "seconds, share, how many):"]
     lines += [f"  {kind:<32} {s:7.3f} s {s / total:6.1%} {n:6d}" for kind, (s, n) in list(ops.items())[:top]]

@@ -25,26 +25,43 @@ def jit_options(profile: bool = False) -> dict[str, Any]:
     """Extra `jax.jit` arguments for the model's steps on this backend: `jax.jit(step, **jit_options())`.
 
     For XLA:CPU builds with YNNPACK (measured with jax 0.10.2, bench table in the README):
-    - YNNPACK gets matmuls one by one, not reductions: a YNNPACK reduction running beside other work (the
-      gradient norm beside the backward pass) spin-waits for the shared thread pool. With this setting
+    - YNNPACK gets matmuls one by one, not reductions: a YNNPACK reduction running beside other work (a
+      gradient norm the step once computed, beside the backward pass) spin-waits for the shared thread pool. With this setting
       jnp.dot runs at 1.7x the rate of the default and the seed-config train step is 1.3x faster.
       (Matmuls fused with their neighbours made bfloat16 4x slower.)
     - copy insertion uses region analysis: without it XLA copies every layer's KV cache at every
       decoding step instead of updating it in place.
     `profile=True` also makes XLA:CPU record every op in a jax.profiler trace (`profiling.op_seconds`; GPUs
-    always do). Other backends, and jax/XLA versions without these options (jax-metal's 0.4.x), get nothing.
+    always do), where this XLA can. Other backends, and jax/XLA versions without these options (jax-metal's
+    0.4.x), get nothing.
     """
     if jax.default_backend() != "cpu":
         return {}
-    options = {"compiler_options": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-                                    "xla_cpu_copy_insertion_use_region_analysis": True}}
-    if profile:
-        options["compiler_options"]["xla_cpu_enable_xprof_traceme"] = True
-    try:
-        jax.jit(jnp.sum, **options).lower(jnp.zeros(2)).compile()
-    except (TypeError, RuntimeError, ValueError):  # a jax.jit without compiler_options, or an XLA without these
+    options = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+               "xla_cpu_copy_insertion_use_region_analysis": True}
+    if not _compiles_with(options):
         return {}
-    return options
+    if profile and _compiles_with({**options, "xla_cpu_enable_xprof_traceme": True}):
+        options["xla_cpu_enable_xprof_traceme"] = True
+    return {"compiler_options": options}
+
+
+def _compiles_with(compiler_options: dict[str, Any]) -> bool:
+    try:
+        jax.jit(jnp.sum, compiler_options=compiler_options).lower(jnp.zeros(2)).compile()
+    except (TypeError, RuntimeError, ValueError):  # a jax.jit without compiler_options, or an XLA without these
+        return False
+    return True
+
+
+def plain_weight_gradients() -> bool:
+    """Whether dense layers should compute weight gradients as plain row-major matmuls (`model.matmul`).
+
+    XLA:CPU runs autodiff's x^T @ dy (both operands contracted on their first axis) in Eigen rather than
+    YNNPACK; materialising x^T first made the seed-config step 1.10x faster. GPU libraries take transposed
+    operands as they are, where the extra copy would only cost.
+    """
+    return jax.default_backend() == "cpu"
 
 
 def can_read_profiles() -> bool:

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mygpt_jax import hardware
+
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon (Flax's default is 1e-6)
 
 
@@ -77,7 +79,8 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     operands, which XLA:CPU hands to Eigen rather than YNNPACK: slower, and a third of a training step's
     matmul FLOPs. Here x^T is materialised first (an optimization_barrier stops XLA folding the transpose
     back into the product), so all three products are plain row-major matmuls. The seed-config step went
-    from 5.30 to 4.82 s (README). Values and gradients are autodiff's (tests/test_model.py).
+    from 5.30 to 4.82 s (README). Values and gradients are autodiff's (tests/test_model.py). The model
+    uses it where `hardware.plain_weight_gradients()` says so (XLA:CPU), and plain x @ w elsewhere.
     """
     return x @ w
 
@@ -88,19 +91,30 @@ def _matmul_forward(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Ar
 
 def _matmul_backward(saved: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = saved
-    rows_x, rows_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dw = jax.lax.optimization_barrier(rows_x.T) @ rows_dy.astype(x.dtype)
-    return (dy @ w.T.astype(dy.dtype)).astype(x.dtype), dw.astype(w.dtype)
+    dtype = jnp.result_type(x, w)  # what the forward product computed in
+    rows_x, rows_dy = x.reshape(-1, x.shape[-1]).astype(dtype), dy.reshape(-1, dy.shape[-1]).astype(dtype)
+    dw = jax.lax.optimization_barrier(rows_x.T) @ rows_dy
+    dx = dy.astype(dtype) @ w.T.astype(dtype)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
-def _dense_dot_general(x: jax.Array, kernel: jax.Array, dimension_numbers: Any, **_: Any) -> jax.Array:
-    """nn.Dense's product (the last axis of x with the kernel's first) through `matmul`."""
-    if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())):
-        raise ValueError(f"not a dense layer's product: {dimension_numbers}")
-    return matmul(x, kernel)
+def _product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w for a dense layer or the tied head: through `matmul` where the backend wants it."""
+    return matmul(x, w) if hardware.plain_weight_gradients() else x @ w
+
+
+DenseDimensions = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def _dense_dot_general(x: jax.Array, kernel: jax.Array, dimension_numbers: DenseDimensions,
+                       precision: Any = None, **_: Any) -> jax.Array:
+    """nn.Dense's product (the last axis of x with the kernel's first) through `_product`."""
+    if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or precision is not None:
+        raise ValueError(f"not a default-precision dense product: {dimension_numbers}, precision={precision}")
+    return _product(x, kernel)
 
 
 def _dense(cfg: ModelConfig, fan_in: int, features: int, axes: tuple[str, str], name: str,
@@ -257,7 +271,7 @@ class GPT(nn.Module):
 
         x = _layer_norm(cfg, "ln_f")(x)
         if cfg.tie_embeddings:
-            logits = matmul(x.astype(cfg.compute_dtype), wte.embedding.astype(cfg.compute_dtype).T)
+            logits = _product(x.astype(cfg.compute_dtype), wte.embedding.astype(cfg.compute_dtype).T)
         else:
             logits = _dense(cfg, cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), "lm_head", use_bias=False)(x)
         return logits.astype(jnp.float32), (None if cache is None else new_cache)

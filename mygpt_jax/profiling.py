@@ -28,10 +28,13 @@ from mygpt_jax import hardware
 _NOT_OPS = ("ThunkExecutor", "ThreadpoolListener", "end: ", "SlinkyThreadPool")
 
 
-def _is_op_line(plane: str, line: str) -> bool:
-    """XLA:CPU's ops run on its threads (tf_XLAEigen/..., tf_XLAPjRtCpuClient/... for small programs);
-    a GPU's are on the device plane's "XLA Ops" line."""
-    return line.startswith("tf_XLA") if plane == "/host:CPU" else line == "XLA Ops"
+def _op_lines(data: Any) -> list[Any]:
+    """The trace lines that hold XLA ops: a GPU's are its device planes' "XLA Ops" lines; XLA:CPU's run on
+    its host threads (tf_XLAEigen/..., and tf_XLAPjRtCpuClient/... for small programs)."""
+    device = [line for plane in data.planes if plane.name.startswith("/device:")
+              for line in plane.lines if line.name == "XLA Ops"]
+    return device or [line for plane in data.planes if plane.name == "/host:CPU"
+                      for line in plane.lines if line.name.startswith("tf_XLA")]
 
 
 def op_seconds(run: Callable[[], Any]) -> dict[str, tuple[float, int]]:
@@ -46,18 +49,19 @@ def op_seconds(run: Callable[[], Any]) -> dict[str, tuple[float, int]]:
         finally:
             jax.profiler.stop_trace()
         traces = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        if not traces:
+            return {}
         data = jax.profiler.ProfileData.from_file(traces[0])
     ops = [(event.start_ns, event.start_ns + event.duration_ns, re.sub(r"\.\d+$", "", event.name))
-           for plane in data.planes for line in plane.lines if _is_op_line(plane.name, line.name)
-           for event in line.events if not event.name.startswith(_NOT_OPS)]
+           for line in _op_lines(data) for event in line.events if not event.name.startswith(_NOT_OPS)]
     seconds = _share_overlaps(ops)
     counts = collections.Counter(kind for _, _, kind in ops)
     return {kind: (s, counts[kind]) for kind, s in seconds.most_common()}
 
 
 def _share_overlaps(ops: list[tuple[int, int, str]]) -> collections.Counter:
-    """Seconds per kind where ops running at the same time (on different threads) share each instant
-    equally, so the seconds add up to the time any op was running, not more."""
+    """Seconds per kind where ops running at the same time (on different threads, or nested in one another)
+    share each instant equally, so the seconds add up to the time any op was running, not more."""
     edges = sorted({t for start, end, _ in ops for t in (start, end)})
     seconds: collections.Counter = collections.Counter()
     for _, _, kind in ops:

@@ -6,7 +6,7 @@ PyTorch and transformers are not dependencies of mygpt_jax: run this in a separa
     /tmp/torchenv/bin/python experiments/baselines/pytorch_gpt2.py --json     # one JSON object
 and compare with `python -m mygpt_jax.bench` run right before or after it.
 
-It measures, in one process, float32 throughout:
+It measures, in one process (float32, but for the one bfloat16 matmul rate):
 matmul     torch.mm of two random square matrices, best of 5: 2048 x 2048 in float32, 512 x 512 in bfloat16
            (on a CPU without AVX-512-BF16 a bfloat16 product is about 300x slower than float32).
 train      a plain eager PyTorch GPT (the seed model of configs/verdict.py: 768 wide, 12 layers, 12 heads,
