@@ -26,8 +26,9 @@ def jit_options(profile: bool = False) -> dict[str, Any]:
 
     For XLA:CPU builds with YNNPACK (measured with jax 0.10.2, bench table in the README):
     - YNNPACK gets matmuls one by one, not reductions: a YNNPACK reduction running beside other work (a
-      gradient norm the step once computed, beside the backward pass) spin-waits for the shared thread pool. With this setting
-      jnp.dot runs at 1.7x the rate of the default and the seed-config train step is 1.3x faster.
+      gradient norm the step once computed, beside the backward pass) spin-waits for the shared thread
+      pool. With this setting jnp.dot runs at 1.7x the rate of the default and the seed-config train step
+      is 1.3x faster.
       (Matmuls fused with their neighbours made bfloat16 4x slower.)
     - copy insertion uses region analysis: without it XLA copies every layer's KV cache at every
       decoding step instead of updating it in place.

@@ -9,7 +9,8 @@ keys/values at positions i.. and returns the updated cache, so the decode step s
 
 For speed (measured by `python -m mygpt_jax.bench`): q/k/v come from one fused matmul, the cache keeps
 heads before positions so attention reads it without transposes, dropout masks come from a counter hash
-instead of threefry (`hardware.jit_options()` holds the XLA settings the jitted steps use).
+instead of threefry, and on XLA:CPU dense layers take their weight gradients as plain matmuls (`matmul`;
+`hardware.jit_options()` holds the XLA settings the jitted steps use).
 """
 
 from __future__ import annotations
