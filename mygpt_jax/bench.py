@@ -205,8 +205,9 @@ def profile_lines(ops: dict[str, tuple[float, int]], top: int = 12) -> list[str]
     lines += [f"  {kind:<32} {s:7.3f} s {s / total:6.1%} {n:6d}" for kind, (s, n) in list(ops.items())[:top]]
     rest = list(ops.values())[top:]
     if rest:
-        lines.append(f"  {'the other ' + str(len(rest)) + ' kinds':<32} {sum(s for s, _ in rest):7.3f} s "
-                     f"{sum(s for s, _ in rest) / total:6.1%} {sum(n for _, n in rest):6d}")
+        rest_s = sum(s for s, _ in rest)
+        lines.append(f"  {'the other ' + str(len(rest)) + ' kinds':<32} {rest_s:7.3f} s {rest_s / total:6.1%} "
+                     f"{sum(n for _, n in rest):6d}")
     return lines
 
 

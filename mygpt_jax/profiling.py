@@ -63,9 +63,8 @@ def _share_overlaps(ops: list[tuple[int, int, str]]) -> collections.Counter:
     """Seconds per kind where ops running at the same time (on different threads, or nested in one another)
     share each instant equally, so the seconds add up to the time any op was running, not more."""
     edges = sorted({t for start, end, _ in ops for t in (start, end)})
-    seconds: collections.Counter = collections.Counter()
-    for _, _, kind in ops:
-        seconds[kind] += 0.0  # every kind is listed, even one whose ops took no measurable time
+    # Every kind is listed, even one whose ops took no measurable time.
+    seconds = collections.Counter({kind: 0.0 for _, _, kind in ops})
     starts = sorted(ops)
     running: list[tuple[int, str]] = []  # (end, kind) of the ops running in the current segment
     i = 0
