@@ -41,16 +41,12 @@ import traceback
 from typing import Any, Sequence
 
 import jax
-import matplotlib
+import ml_collections
+from absl import logging
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-from absl import logging  # noqa: E402
-
-from mygpt_jax import checkpoint, train  # noqa: E402
-from mygpt_jax.config import validate  # noqa: E402
-from mygpt_jax.errors import UserError  # noqa: E402
+from mygpt_jax import checkpoint, plots, train
+from mygpt_jax.config import validate
+from mygpt_jax.errors import UserError
 
 # Summary values a sweep can report in results.md (results.csv always has them all): (column, format).
 METRICS = {"best_val_loss": ("best val loss", ".3f"), "final_val_loss": ("final val loss", ".3f"),
@@ -407,7 +403,7 @@ def read_curve(run: Run) -> list[dict]:
 
 def plot_val_curves(plan: Plan, outcomes: dict[str, dict], path: str) -> None:
     """Validation loss against tokens seen: a colour per variant, its seeds thin, their mean thick."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plots.figure((7, 4.5))
     lows, highs = [], []
     for i, variant in enumerate(plan.sweep.variants):
         curves = [read_curve(run) for run in plan.runs
@@ -430,15 +426,13 @@ def plot_val_curves(plan: Plan, outcomes: dict[str, dict], path: str) -> None:
     ax.set_ylabel("Validation loss")
     ax.set_title(f"{plan.sweep.name}: validation loss (thin: seeds, thick: mean)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def plot_best(plan: Plan, rows: list[dict], path: str) -> None:
     """A bar per variant: the mean best validation loss, seeds as dots, the best variant in green."""
     groups = {v: [r["best_val_loss"] for r in ok] for v, ok in by_variant(plan, rows, "ok").items() if ok}
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(groups) + 2), 4))
+    fig, ax = plots.figure((max(4.5, 1.1 * len(groups) + 2), 4))
     if groups:
         best = best_variant(plan, rows)
         for i, (variant, values) in enumerate(groups.items()):
@@ -454,9 +448,7 @@ def plot_best(plan: Plan, rows: list[dict], path: str) -> None:
     ax.set_ylabel("Best validation loss (axis cut)")
     ax.set_title(f"{plan.sweep.name}: best validation loss (dots: seeds)")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def write_results(plan: Plan, outcomes: dict[str, dict]) -> list[dict]:
