@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Issue 5's GPU figures in one short run: the bench at GPT-2 124M, context 1024, bfloat16 compute, at batch
 # BATCH (default 16: estimated, not yet measured, to fit an 80 GB H100 in about 35 GB; an H200 has 141 GB),
-# printed as one JSON object after the GPU's name.
+# once per attention in ATTENTION (default "cudnn explicit": cuDNN's fused kernel, then the written-out
+# one), each printed as one JSON object, after the GPU's name.
 #
 # On a lent GPU machine (the device tool): its image has jax with CUDA, flax, optax, orbax and tiktoken but
 # not ml_collections, and nothing can be fetched there, so first, here, in the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml-collections==1.1.0
 # then run `bash experiments/gpu_bench.sh` there, carrying `.whl`. It runs on a CPU too, e.g.
-#   PYTHON=.venv/bin/python CONFIG=configs/tiny.py BATCH=2 bash experiments/gpu_bench.sh --steps=1
+#   PYTHON=.venv/bin/python CONFIG=configs/tiny.py BATCH=2 ATTENTION=xla bash experiments/gpu_bench.sh --steps=1
 # Extra arguments go to `python -m mygpt_jax.bench` (see its --help).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -19,5 +20,8 @@ fi
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
-exec "$PYTHON" -m mygpt_jax.bench --config "${CONFIG:-configs/gpt2_124m.py}" --config.model.dtype=bfloat16 \
-  --config.train.batch_size="${BATCH:-16}" --steps=10 --json "$@"
+for attention in ${ATTENTION:-cudnn explicit}; do
+  "$PYTHON" -m mygpt_jax.bench --config "${CONFIG:-configs/gpt2_124m.py}" --config.model.dtype=bfloat16 \
+    --config.model.drop_rate=0.0 --config.model.attention="$attention" --config.train.batch_size="${BATCH:-16}" \
+    --steps=10 --json "$@" || echo "{\"attention\": \"$attention\", \"failed\": true}"
+done

@@ -182,7 +182,8 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
     reference = "bfloat16" if cfg.dtype == "bfloat16" else "float32"  # the matmul rate the step is compared with
     decode_limit = limits["read_bytes_per_s"] / result["decode_bytes_per_token"]
     result.update(
-        limits, device=hardware.device_name(), dtype=cfg.dtype, batch_size=config.train.batch_size,
+        limits, device=hardware.device_name(), dtype=cfg.dtype, attention=cfg.attention,
+        batch_size=config.train.batch_size,
         context_length=cfg.context_length, train_flops_reference=reference,
         train_flops_fraction=result["train_flops_per_s"] / limits[f"matmul_flops_per_s_{reference}"],
         train_mfu=None if peak is None else result["train_flops_per_s"] / peak,
@@ -215,7 +216,8 @@ def report(r: dict[str, Any]) -> str:
     mfu = "" if r["train_mfu"] is None else f"; MFU {r['train_mfu']:.2f} of the chip's bf16 peak"
     profile = profile_lines(r["train_profile"]) if "train_profile" in r else []
     return "\n".join([
-        f"device: {r['device']}; model {r['num_params']:,} parameters, {r['dtype']}, context {r['context_length']}",
+        f"device: {r['device']}; model {r['num_params']:,} parameters, {r['dtype']}, context {r['context_length']}, "
+        f"{r['attention']} attention",
         f"matmul rate: {r['matmul_flops_per_s_float32'] / 1e9:.1f} GFLOP/s float32, "
         f"{r['matmul_flops_per_s_bfloat16'] / 1e9:.1f} GFLOP/s bfloat16; "
         f"memory read {r['read_bytes_per_s'] / 1e9:.1f} GB/s, "

@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.init_scheme = "gpt2"  # "gpt2": N(0, init_std); "pytorch": torch's nn.Linear/nn.Embedding defaults
     m.init_std = 0.02  # std of the normal init of weights in the "gpt2" scheme
     m.remat = False  # rematerialise each block in the backward pass (saves memory on long contexts)
+    # "explicit": attention written out (dropout on the attention weights, the KV cache); "cudnn": cuDNN's
+    # fused kernel through jax.nn.dot_product_attention (NVIDIA GPUs, 16-bit dtype); "xla": that function's
+    # XLA lowering. The last two run passes without a KV cache (training, evaluation) and need drop_rate 0.
+    m.attention = "explicit"
 
     c.data = d = ml_collections.ConfigDict()
     d.path = ""  # "" = the bundled "The Verdict"
@@ -99,6 +103,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
     require(m.init_scheme in ("gpt2", "pytorch"), "model.init_scheme", "use gpt2 or pytorch")
     require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "use float32, bfloat16 or float16")
+    require(m.attention in ("explicit", "cudnn", "xla"), "model.attention", "use explicit, cudnn or xla")
+    require(m.attention == "explicit" or m.drop_rate == 0.0, "model.attention",
+            f"fused attention has no dropout on the attention weights; set --config.model.drop_rate=0.0 "
+            f"(now {m.drop_rate}) or --config.model.attention=explicit")
+    require(m.attention != "cudnn" or m.dtype != "float32", "model.attention",
+            "cuDNN's fused attention runs in 16 bits; add --config.model.dtype=bfloat16")
     require(0.0 < c.data.train_ratio < 1.0, "data.train_ratio", "must be between 0 and 1")
     require(c.data.stride >= 0, "data.stride", "must be >= 0 (0 means context_length)")
     for key in ("num_epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum_steps", "checkpoint_every",

@@ -65,6 +65,12 @@ def plain_weight_gradients() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def has_cudnn_attention() -> bool:
+    """Whether jax.nn.dot_product_attention(implementation="cudnn") can run: JAX on an NVIDIA (CUDA) GPU."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+
+
 def can_read_profiles() -> bool:
     """Whether this jax reads a profiler trace back in Python (jax.profiler.ProfileData: not in jax 0.4.34)."""
     return hasattr(jax.profiler, "ProfileData")

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from mygpt_jax import hardware
+from mygpt_jax.errors import UserError
 
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon (Flax's default is 1e-6)
 
@@ -43,10 +44,13 @@ class ModelConfig:
     init_std: float = 0.02
     init_scheme: str = "gpt2"
     remat: bool = False
+    attention: str = "explicit"  # or "cudnn", "xla": jax.nn.dot_product_attention (MultiHeadAttention)
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict) -> "ModelConfig":
-        return cls(**{f.name: model[f.name] for f in dataclasses.fields(cls)})
+        """From a config's `model` section; keys it lacks (a checkpoint saved before they existed) get the
+        defaults here."""
+        return cls(**{f.name: model.get(f.name, f.default) for f in dataclasses.fields(cls)})
 
     @property
     def head_dim(self) -> int:
@@ -183,7 +187,11 @@ class Dropout(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal self-attention with a fused q/k/v projection (OpenAI's c_attn)."""
+    """Causal self-attention with a fused q/k/v projection (OpenAI's c_attn).
+
+    Written out by default (`_explicit_attention`: the KV cache, dropout on the attention weights); with
+    `attention="cudnn"` or `"xla"`, passes without a cache call `jax.nn.dot_product_attention` instead.
+    """
 
     cfg: ModelConfig
 
@@ -193,29 +201,52 @@ class MultiHeadAttention(nn.Module):
         cfg = self.cfg
         b, t, d = x.shape
         qkv = _dense(cfg, d, 3 * d, ("embed", "qkv"), "c_attn", use_bias=cfg.qkv_bias)(x)
-        qkv = qkv.reshape(b, t, 3 * cfg.n_heads, cfg.head_dim).transpose(0, 2, 1, 3)
-        q, k, v = jnp.split(qkv, 3, axis=1)  # (batch, heads, t, head_dim)
-
-        # Attend over blocks of (keys, values, which keys each query sees): this chunk, causally, and before
-        # it the cache's positions < cache_index. The cache is read as it was and this chunk written into
-        # it afterwards (not read back), so XLA can update it in place instead of copying it every step.
-        q_pos = cache_index + jnp.arange(t)
-        blocks = [(k, v, q_pos[:, None] >= q_pos[None, :])]
-        if cache is not None:
-            past = jnp.arange(cache.k.shape[2]) < cache_index
-            blocks.insert(0, (cache.k.astype(q.dtype), cache.v.astype(q.dtype), jnp.broadcast_to(past, (t, past.size))))
-            cache = KVCache(*(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, cache_index, 0))
-                              for c, new in ((cache.k, k), (cache.v, v))))
-
-        scores = jnp.concatenate([jnp.einsum("bhqd,bhkd->bhqk", q, keys) for keys, _, _ in blocks], axis=-1)
-        visible = jnp.concatenate([seen for _, _, seen in blocks], axis=-1)
-        scores = jnp.where(visible, scores.astype(jnp.float32) / cfg.head_dim ** 0.5, jnp.finfo(jnp.float32).min)
-        weights = Dropout(cfg.drop_rate)(jax.nn.softmax(scores, axis=-1).astype(q.dtype), deterministic)
-        weights = jnp.split(weights, np.cumsum([keys.shape[2] for keys, _, _ in blocks[:-1]]), axis=-1)
-        out = sum(jnp.einsum("bhqk,bhkd->bqhd", w, values) for w, (_, values, _) in zip(weights, blocks))
-        out = out.reshape(b, t, d)
-        out = _dense(cfg, d, d, ("heads", "embed"), "c_proj", residual=True)(out)
+        qkv = qkv.reshape(b, t, 3 * cfg.n_heads, cfg.head_dim)
+        if cache is None and cfg.attention != "explicit":
+            out = _fused_attention(cfg, qkv)
+        else:
+            out, cache = _explicit_attention(cfg, qkv, Dropout(cfg.drop_rate), deterministic, cache, cache_index)
+        out = _dense(cfg, d, d, ("heads", "embed"), "c_proj", residual=True)(out.reshape(b, t, d))
         return out, cache
+
+
+def _fused_attention(cfg: ModelConfig, qkv: jax.Array) -> jax.Array:
+    """Causal attention in one `jax.nn.dot_product_attention` call: qkv (batch, t, 3 heads, head_dim) ->
+    (batch, t, heads, head_dim). `cfg.attention` names its implementation: "cudnn" is cuDNN's fused
+    (flash) kernel on NVIDIA GPUs, "xla" JAX's own lowering. Neither drops attention weights out, so the
+    config allows them only with drop_rate 0 (`config.validate`)."""
+    q, k, v = jnp.split(qkv, 3, axis=2)
+    if cfg.attention == "cudnn" and not hardware.has_cudnn_attention():
+        raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU; this jax runs on {jax.default_backend()}: "
+                        "use --config.model.attention=xla or explicit")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
+
+
+def _explicit_attention(cfg: ModelConfig, qkv: jax.Array, dropout: Dropout, deterministic: bool,
+                        cache: KVCache | None, cache_index: jax.Array | int) -> tuple[jax.Array, KVCache | None]:
+    """Causal attention written out (scores, mask, softmax, dropout on the weights, weighted sum), reading
+    and writing the KV cache: qkv (batch, t, 3 heads, head_dim) -> (batch, t, heads, head_dim), cache."""
+    t = qkv.shape[1]
+    q, k, v = jnp.split(qkv.transpose(0, 2, 1, 3), 3, axis=1)  # (batch, heads, t, head_dim)
+
+    # Attend over blocks of (keys, values, which keys each query sees): this chunk, causally, and before
+    # it the cache's positions < cache_index. The cache is read as it was and this chunk written into
+    # it afterwards (not read back), so XLA can update it in place instead of copying it every step.
+    q_pos = cache_index + jnp.arange(t)
+    blocks = [(k, v, q_pos[:, None] >= q_pos[None, :])]
+    if cache is not None:
+        past = jnp.arange(cache.k.shape[2]) < cache_index
+        blocks.insert(0, (cache.k.astype(q.dtype), cache.v.astype(q.dtype), jnp.broadcast_to(past, (t, past.size))))
+        cache = KVCache(*(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, cache_index, 0))
+                          for c, new in ((cache.k, k), (cache.v, v))))
+
+    scores = jnp.concatenate([jnp.einsum("bhqd,bhkd->bhqk", q, keys) for keys, _, _ in blocks], axis=-1)
+    visible = jnp.concatenate([seen for _, _, seen in blocks], axis=-1)
+    scores = jnp.where(visible, scores.astype(jnp.float32) / cfg.head_dim ** 0.5, jnp.finfo(jnp.float32).min)
+    weights = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype), deterministic)
+    weights = jnp.split(weights, np.cumsum([keys.shape[2] for keys, _, _ in blocks[:-1]]), axis=-1)
+    out = sum(jnp.einsum("bhqk,bhkd->bqhd", w, values) for w, (_, values, _) in zip(weights, blocks))
+    return out, cache
 
 
 class FeedForward(nn.Module):

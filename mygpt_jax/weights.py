@@ -20,6 +20,11 @@ def run_dir(config: ml_collections.ConfigDict) -> str:
     return os.path.join(config.checkpoint_dir, config.run_name)
 
 
+def _for_inference(cfg: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
+    """The weights' architecture, run without dropout in the command's compute dtype and attention."""
+    return dataclasses.replace(cfg, drop_rate=0.0, dtype=config.model.dtype, attention=config.model.attention)
+
+
 def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
     """(model config for inference, params); the architecture comes from the weights, not the config file."""
     if config.pretrained:
@@ -27,7 +32,7 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
 
         cfg, params = load_gpt2(config.pretrained, checkpoint_dir=config.checkpoint_dir,
                                 weights_dir=config.weights_dir, base_urls=config.weights_urls.split(","))
-        return dataclasses.replace(cfg, drop_rate=0.0, dtype=config.model.dtype), params
+        return _for_inference(cfg, config), params
 
     directory = run_dir(config)
     step = checkpoint.latest_step(directory)
@@ -39,7 +44,7 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
                                               if config.run_name not in config_path() else ""))
     start = time.time()
     saved = ml_collections.ConfigDict(checkpoint.restore_meta(directory, step)["config"])
-    cfg = dataclasses.replace(ModelConfig.from_config(saved.model), drop_rate=0.0, dtype=config.model.dtype)
+    cfg = _for_inference(ModelConfig.from_config(saved.model), config)
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     params, _ = checkpoint.restore_params(directory, abstract, step)
     print(f"loaded {directory} (update {step}) in {time.time() - start:.1f} s", file=sys.stderr)

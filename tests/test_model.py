@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -188,3 +189,29 @@ def test_decoding_in_chunks_through_the_cache_equals_one_forward_pass():
                                                  cache_index=start)
         chunks.append(logits)
     np.testing.assert_allclose(jnp.concatenate(chunks, axis=1), full, atol=1e-5)
+
+
+def test_fused_attention_has_the_explicit_attentions_values_and_gradients():
+    """attention="xla" (jax.nn.dot_product_attention, the call the GPU's "cudnn" path makes) computes what the
+    written-out attention does; decoding through the KV cache stays on the written-out path."""
+    fused = dataclasses.replace(SMALL_VOCAB, attention="xla")
+    params = init_params(SMALL_VOCAB, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 512)
+
+    def loss(cfg, params):
+        logits = forward(cfg, params, tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    (loss_explicit, grads_explicit), (loss_fused, grads_fused) = (
+        jax.value_and_grad(functools.partial(loss, cfg))(params) for cfg in (SMALL_VOCAB, fused))
+    np.testing.assert_allclose(loss_fused, loss_explicit, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(grads_fused), jax.tree_util.tree_leaves(grads_explicit)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    _, cache = jax.jit(GPT(fused).apply)({"params": params}, tokens[:, :4], cache=init_cache(fused, 2))
+    assert jnp.abs(cache[0].k[:, :, :4]).sum() > 0  # the prompt's keys were written
+
+
+def test_model_config_from_an_older_checkpoint_gets_the_new_keys_defaults():
+    saved = base_config().model.to_dict()
+    del saved["attention"]  # checkpoints saved before the key existed
+    assert ModelConfig.from_config(ml_collections.ConfigDict(saved)).attention == "explicit"

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from mygpt_jax.hardware import has_cudnn_attention
 from tests.utils import popen_cli, run_cli
 
 RUN = ["--config.train.num_epochs=2", "--config.train.eval_freq=5", "--config.train.checkpoint_every=10"]
@@ -104,6 +105,11 @@ def test_sample_without_a_checkpoint_says_how_to_make_one(tmp_path):
     (["--config.train.num_epochs=three"], 2, "--config.train.num_epochs=three"),
     (["--config.model.n_heads=5"], 1, "--config.model.emb_dim=32 is invalid: must be divisible by model.n_heads=5"),
     (["--config.data.path=/no/such/file.txt"], 1, "data file /no/such/file.txt does not exist"),
+    (["--config.model.attention=xla"], 1, "fused attention has no dropout on the attention weights; set "
+                                          "--config.model.drop_rate=0.0 (now 0.1)"),
+    pytest.param(["--config.model.attention=cudnn", "--config.model.drop_rate=0", "--config.model.dtype=bfloat16"],
+                 1, "model.attention='cudnn' needs an NVIDIA GPU; this jax runs on cpu",
+                 marks=pytest.mark.skipif(has_cudnn_attention(), reason="this machine runs cuDNN attention")),
 ])
 def test_bad_input_gets_one_line(args, status, message, tmp_path):
     result = run_cli("train", f"--config.checkpoint_dir={tmp_path}", *args)
