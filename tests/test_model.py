@@ -11,7 +11,7 @@ import pytest
 
 from mygpt_jax import train
 from mygpt_jax.config import base_config
-from mygpt_jax.model import (GPT, Dropout, ModelConfig, count_params, init_cache, init_params, matmul,
+from mygpt_jax.model import (GPT, Dropout, ModelConfig, count_params, decode_layout, init_cache, init_params, matmul,
                              matmul_flops_per_token)
 
 TINY = ModelConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
@@ -215,3 +215,18 @@ def test_model_config_from_an_older_checkpoint_gets_the_new_keys_defaults():
     saved = base_config().model.to_dict()
     del saved["attention"]  # checkpoints saved before the key existed
     assert ModelConfig.from_config(ml_collections.ConfigDict(saved)).attention == "explicit"
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_decoding_layout_gives_the_same_logits(tie):
+    """`decode_layout` (dense kernels stored transposed, as the Generator keeps them) changes no logits, with
+    the KV cache or without, the tied head included."""
+    cfg = dataclasses.replace(SMALL_VOCAB, tie_embeddings=tie, qkv_bias=True)
+    params = init_params(cfg, jax.random.key(0))
+    transposed = decode_layout(params)
+    assert "kernel_t" in transposed["h_0"]["mlp"]["c_fc"] and "kernel" not in transposed["h_0"]["mlp"]["c_fc"]
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 512)
+    expected = forward(cfg, params, tokens)
+    np.testing.assert_allclose(forward(cfg, transposed, tokens), expected, atol=1e-5)
+    cached, _ = jax.jit(GPT(cfg).apply)({"params": transposed}, tokens, cache=init_cache(cfg, 2))
+    np.testing.assert_allclose(cached, expected, atol=1e-5)
