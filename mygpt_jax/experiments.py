@@ -45,7 +45,7 @@ import ml_collections
 from absl import logging
 
 from mygpt_jax import checkpoint, plots, train
-from mygpt_jax.config import validate
+from mygpt_jax.config import base_config, validate
 from mygpt_jax.errors import UserError
 
 # Summary values a sweep can report in results.md (results.csv always has them all): (column, format).
@@ -284,16 +284,18 @@ def finished_runs(runs: Sequence[Run]) -> dict[str, dict]:
     """The summaries of finished runs; a checkpoint made with other settings is an error before anything runs.
 
     A run is finished when its summary.json counts as many updates as its latest checkpoint holds (an
-    interrupted run has a checkpoint but no summary, or the summary of a shorter earlier run).
+    interrupted run has a checkpoint but no summary, or the summary of a shorter earlier run). A key the
+    checkpoint lacks (added to the config since) counts as the same setting if it has its default value.
     """
-    finished = {}
+    finished, defaults = {}, flatten(base_config().to_dict())
     for run in runs:
         step = checkpoint.latest_step(run.dir)
         if step is None:
             continue
         saved = flatten(checkpoint.restore_meta(run.dir, step)["config"])
         now = json.loads(json.dumps(flatten(run.config.to_dict())))  # as the checkpoint stored it
-        diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+        diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items()
+                if saved.get(k) != v and not (k not in saved and v == defaults.get(k))]  # a key added since
         if diff:
             raise UserError(f"{run.dir} holds a run with other settings ({'; '.join(diff[:3])}); delete it, or "
                             "keep both by passing another --config.checkpoint_dir")

@@ -108,9 +108,9 @@ class Generator:
     def params(self, params: Any) -> None:
         """Store the weights once as decoding reads them fastest: in the compute dtype (instead of casting them
         at every token), dense kernels transposed (`model.decode_layout`)."""
-        dtype = self.cfg.compute_dtype
-        self._params = None if params is None else decode_layout(jax.tree_util.tree_map(lambda p: p.astype(dtype),
-                                                                                         params))
+        if params is not None:
+            params = decode_layout(jax.tree_util.tree_map(lambda p: p.astype(self.cfg.compute_dtype), params))
+        self._params = params
 
     def _prefill_impl(self, params: Any, padded: jax.Array, length: jax.Array, max_new: int,
                       rng: jax.Array) -> DecodeState:

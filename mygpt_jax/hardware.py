@@ -66,9 +66,12 @@ def plain_weight_gradients() -> bool:
 
 
 def has_cudnn_attention() -> bool:
-    """Whether jax.nn.dot_product_attention(implementation="cudnn") can run: JAX on an NVIDIA (CUDA) GPU."""
+    """Whether jax.nn.dot_product_attention(implementation="cudnn") can run: JAX on an NVIDIA (CUDA) GPU of
+    compute capability 8.0 (Ampere) or later, which cuDNN's fused attention needs."""
     device = jax.devices()[0]
-    return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+    if device.platform != "gpu" or "cuda" not in device.client.platform_version.lower():
+        return False
+    return float(getattr(device, "compute_capability", "0")) >= 8.0
 
 
 def can_read_profiles() -> bool:

@@ -119,7 +119,8 @@ class Dense(nn.Module):
     The kernel is (in, features), as in OpenAI's checkpoint and nn.Dense. Given "kernel_t" (features, in)
     instead (`decode_layout`, what the Generator stores), the product contracts that array's last axis:
     XLA:CPU's matrix-vector products, all of decoding's work, read that layout faster (a float32 chain of
-    them streamed 19-20 GB/s against 13-15 for (in, features); the seed model decodes 1.15x faster).
+    them streamed 17-20 GB/s against 13-15 for (in, features); decoding 1.12-1.27x faster, README). GPU
+    libraries take either layout; it is used on every backend.
     """
 
     features: int
@@ -141,11 +142,18 @@ class Dense(nn.Module):
         return y
 
 
-def decode_layout(params: Any) -> dict[str, Any]:
+def decode_layout(params: Any) -> Any:
     """The params with every dense kernel (in, features) stored transposed, as "kernel_t" (features, in): the
-    layout `Dense` reads fastest when decoding. The model runs on either."""
-    return {("kernel_t" if name == "kernel" else name): (value.T if name == "kernel" else decode_layout(value))
-            for name, value in params.items()} if isinstance(params, Mapping) else params
+    layout `Dense` reads fastest when decoding. The model runs on either; `logical_axes` describes the other."""
+    if not isinstance(params, Mapping):
+        return params
+    layout = {}
+    for name, value in params.items():
+        if name == "kernel":
+            layout["kernel_t"] = nn.meta.unbox(value).T
+        else:
+            layout[name] = decode_layout(value)
+    return layout
 
 
 def _dense(cfg: ModelConfig, fan_in: int, features: int, axes: tuple[str, str], name: str,
@@ -232,15 +240,20 @@ class MultiHeadAttention(nn.Module):
         return out, cache
 
 
+def check_backend(cfg: ModelConfig) -> None:
+    """A UserError if this machine cannot run the model as configured (cuDNN attention without a GPU for it)."""
+    if cfg.attention == "cudnn" and not hardware.has_cudnn_attention():
+        raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 or later; this jax "
+                        f"runs on {hardware.device_name()}: use --config.model.attention=xla or explicit")
+
+
 def _fused_attention(cfg: ModelConfig, qkv: jax.Array) -> jax.Array:
     """Causal attention in one `jax.nn.dot_product_attention` call: qkv (batch, t, 3 heads, head_dim) ->
     (batch, t, heads, head_dim). `cfg.attention` names its implementation: "cudnn" is cuDNN's fused
     (flash) kernel on NVIDIA GPUs, "xla" JAX's own lowering. Neither drops attention weights out, so the
     config allows them only with drop_rate 0 (`config.validate`)."""
     q, k, v = jnp.split(qkv, 3, axis=2)
-    if cfg.attention == "cudnn" and not hardware.has_cudnn_attention():
-        raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU; this jax runs on {jax.default_backend()}: "
-                        "use --config.model.attention=xla or explicit")
+    check_backend(cfg)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
 
 
@@ -342,7 +355,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
 
 
 def logical_axes(cfg: ModelConfig) -> Any:
-    """The logical axis names of every parameter (same tree as the params), for sharding rules."""
+    """The logical axis names of every parameter (same tree as `init_params`' params, not `decode_layout`'s),
+    for sharding rules."""
     tokens = jnp.zeros((1, min(8, cfg.context_length)), jnp.int32)
     boxed = jax.eval_shape(GPT(cfg).init, {"params": jax.random.key(0)}, tokens)["params"]
     return nn.get_partition_spec(boxed)

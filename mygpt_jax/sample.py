@@ -84,6 +84,7 @@ def chat(generator: Generator, rng: jax.Array) -> None:
 def main(config: ml_collections.ConfigDict) -> None:
     cfg, params = load_model(config)
     generator = Generator(cfg, params, SamplingSettings.from_config(config.sample))
+    del params  # the generator keeps its own copy, laid out for decoding
     rng = jax.random.key(config.sample.seed)
     if config.sample.prompt:
         complete_once(generator, config.sample.prompt, rng)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mygpt_jax import checkpoint, data, hardware
 from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings
-from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
+from mygpt_jax.model import GPT, ModelConfig, check_backend, count_params, init_params, matmul_flops_per_token
 from mygpt_jax.plots import plot_losses
 from mygpt_jax.tokenizer import decode, encode
 
@@ -188,6 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     eval_step = jax.jit(lambda p, b: loss_fn(model, p, b, None), **hardware.jit_options())
     init_rng, dropout_rng = jax.random.split(jax.random.key(t.seed))
 
+    check_backend(cfg)  # before anything is deleted or restored
     run_dir = os.path.join(config.checkpoint_dir, config.run_name)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     resume_step = checkpoint.latest_step(run_dir)
@@ -289,6 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                         generator.params = state.params
                         (ids,), _ = generator.generate(encode(config.sample.prompt), jax.random.key(config.sample.seed))
                         bar.write((config.sample.prompt + decode(ids)).replace("\n", " "))
+                        generator.params = None  # its copy of the weights is not needed until the next sample
                         mark_time, mark_tokens = time.time(), tokens_seen
                 epoch, batch_in_epoch = epoch + 1, 0
     except KeyboardInterrupt:

@@ -7,9 +7,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from mygpt_jax import experiments
+from mygpt_jax import checkpoint, experiments
+from mygpt_jax.config import base_config
 from mygpt_jax.errors import UserError
 from tests.utils import REPO, TINY, cli_env
 
@@ -157,3 +159,18 @@ def test_errors_print_one_line_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"error: {path} (GRID): unknown config key 'model.drop_rat' (did you mean 'model.drop_rate'?); the keys "
         "and their defaults are in mygpt_jax/config.py"]
+
+
+def test_a_checkpoint_saved_before_a_config_key_existed_counts_as_that_keys_default(tmp_path):
+    """Sweep folders outlive config changes: a key the saved config lacks is the same setting if the run now has
+    its default (model.attention, added later), and any other difference still stops the sweep."""
+    config = base_config()
+    config.checkpoint_dir, config.run_name = str(tmp_path), "old-s1"
+    run = experiments.Run("old", 1, config)
+    saved = config.to_dict()
+    del saved["model"]["attention"]
+    checkpoint.save(run.dir, 1, {"w": np.zeros(2, np.float32)}, {"config": saved})
+    assert experiments.finished_runs([run]) == {}  # a checkpoint without a summary: to resume, no error
+    config.model.drop_rate = 0.0
+    with pytest.raises(UserError, match=r"holds a run with other settings \(model.drop_rate: 0.1 -> 0.0\)"):
+        experiments.finished_runs([run])

@@ -108,7 +108,8 @@ def test_sample_without_a_checkpoint_says_how_to_make_one(tmp_path):
     (["--config.model.attention=xla"], 1, "fused attention has no dropout on the attention weights; set "
                                           "--config.model.drop_rate=0.0 (now 0.1)"),
     pytest.param(["--config.model.attention=cudnn", "--config.model.drop_rate=0", "--config.model.dtype=bfloat16"],
-                 1, "model.attention='cudnn' needs an NVIDIA GPU; this jax runs on cpu",
+                 1, "model.attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 or later; this jax "
+                    "runs on cpu",
                  marks=pytest.mark.skipif(has_cudnn_attention(), reason="this machine runs cuDNN attention")),
 ])
 def test_bad_input_gets_one_line(args, status, message, tmp_path):
