@@ -96,7 +96,7 @@ class Generator:
         self.cfg, self.settings = cfg, settings
         self.params = params
         self.model = GPT(cfg)
-        self._prefill = jax.jit(self._prefill_impl, static_argnums=(3,), **jit_options())
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(3, 4), **jit_options())
         self._step = jax.jit(self._step_impl, donate_argnums=(1,), **jit_options())
         self._loop = jax.jit(self._loop_impl, donate_argnums=(1,), **jit_options())
 
@@ -112,10 +112,10 @@ class Generator:
             params = decode_layout(jax.tree_util.tree_map(lambda p: p.astype(self.cfg.compute_dtype), params))
         self._params = params
 
-    def _prefill_impl(self, params: Any, padded: jax.Array, length: jax.Array, max_new: int,
+    def _prefill_impl(self, params: Any, padded: jax.Array, length: jax.Array, max_new: int, cache_length: int,
                       rng: jax.Array) -> DecodeState:
         batch = padded.shape[0]
-        cache = init_cache(self.cfg, batch)
+        cache = init_cache(self.cfg, batch, cache_length)
         logits, cache = self.model.apply({"params": params}, padded, cache=cache, cache_index=0)
         return DecodeState(cache, logits[jnp.arange(batch), length - 1], length, rng,
                            jnp.zeros((batch, max_new), jnp.int32), jnp.int32(0), jnp.zeros((batch,), bool))
@@ -146,7 +146,11 @@ class Generator:
         prompt, max_new, notes = self.prepare(prompt)
         padded = np.zeros((self.settings.num_samples, _bucket(len(prompt), self.cfg.context_length)), np.int32)
         padded[:, :len(prompt)] = prompt
-        return self._prefill(self.params, jnp.asarray(padded), jnp.int32(len(prompt)), max_new, rng), notes
+        # The cache holds the positions this call uses, rounded up like the prompt: every decoding step's
+        # attention reads all of it (a 1024-position cache for 205 tokens made the 124M model ~14% slower).
+        cache_length = _bucket(len(prompt) + max_new, self.cfg.context_length)
+        return self._prefill(self.params, jnp.asarray(padded), jnp.int32(len(prompt)), max_new, cache_length,
+                             rng), notes
 
     def _trim(self, tokens: np.ndarray) -> list[list[int]]:
         stop = self.settings.stop_token

@@ -362,9 +362,11 @@ def logical_axes(cfg: ModelConfig) -> Any:
     return nn.get_partition_spec(boxed)
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, dtype: Any = None) -> list[KVCache]:
-    """A zeroed KV cache for every layer, long enough for the whole context."""
-    shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None, dtype: Any = None) -> list[KVCache]:
+    """A zeroed KV cache for every layer, holding `length` positions (default: the whole context).
+
+    Attention reads every position the cache holds, used or not, so a shorter cache decodes faster."""
+    shape = (batch_size, cfg.n_heads, length or cfg.context_length, cfg.head_dim)
     dtype = dtype or cfg.compute_dtype
     return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
 

@@ -24,13 +24,18 @@ def recompute_greedy(params, prompt, n):
     return ids[len(prompt):]
 
 
-def test_kv_cache_decoding_equals_full_recompute():
+@pytest.mark.parametrize("new_tokens, cache_length", [(30, 64), (11, 16)])
+def test_kv_cache_decoding_equals_full_recompute(new_tokens, cache_length):
+    """The cache holds the positions the call uses (prompt + new tokens, rounded up to a power of two): the whole
+    context, or a cache whose last position the last token fills."""
     params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
     prompt = [5, 17, 3, 88, 41]
-    generator = Generator(CFG, params, SamplingSettings(max_new_tokens=30, stop_token=None))
+    generator = Generator(CFG, params, SamplingSettings(max_new_tokens=new_tokens, stop_token=None))
+    state, _ = generator._start(prompt, jax.random.key(0))
+    assert state.cache[0].k.shape[2] == cache_length
     (cached,), notes = generator.generate(prompt, jax.random.key(0))
     assert notes == []
-    expected = recompute_greedy(params, prompt, 30)
+    expected = recompute_greedy(params, prompt, new_tokens)
     assert cached == expected
     assert len(set(expected)) > 3  # a non-degenerate sequence
     streamed = [int(t[0]) for t in generator.stream(prompt, jax.random.key(0))]
