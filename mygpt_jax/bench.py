@@ -44,6 +44,7 @@ import numpy as np
 from absl import flags
 
 from mygpt_jax import hardware, profiling, train
+from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.hardware import jit_options
 from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
@@ -174,6 +175,9 @@ def _peak_rss_bytes() -> int:
 
 def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
     cfg = ModelConfig.from_config(config.model)
+    if _PROFILE.value and not hardware.can_read_profiles():
+        raise UserError(f"--profile needs a jax that reads profiler traces back (jax.profiler.ProfileData); "
+                        f"this is jax {jax.__version__}: upgrade jax, or run without --profile")
     _progress(f"matmul rate ({_MATMUL_SIZE.value}^2) and memory bandwidth ({_COPY_MB.value} MiB)")
     limits = machine_limits()
     _progress(f"train step: compiling, then 1 + {_STEPS.value} steps")
