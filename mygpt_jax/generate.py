@@ -2,8 +2,8 @@
 
 `Generator.generate` runs the whole decode loop on the device (`lax.while_loop`); `Generator.stream`
 calls the same jitted step from Python and yields each token as it is made (for the chat). Shapes never
-depend on the prompt length (prompts are padded to a power-of-two bucket) or on the step, so nothing is
-recompiled per token or per prompt of a similar length.
+depend on the prompt length (prompts, and the KV cache's length, prompt plus new tokens, are rounded up
+to powers of two) or on the step, so nothing is recompiled per token or per prompt of a similar length.
 
 Decoding one sequence is bound by memory bandwidth: every token reads all the weights once. The weights
 are kept in the model's compute dtype, so a bfloat16 model (`--config.model.dtype=bfloat16`) streams half
