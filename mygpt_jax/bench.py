@@ -23,7 +23,8 @@ decode     batch 1, greedy, --decode_tokens new tokens after the config's prompt
            weight, and the whole of wte when the head is tied; one row of each embedding table).
 recompute  the same greedy decoding without a cache: every token runs the model over the whole padded
            context. The shape never changes, so each token costs the same and --recompute_tokens tokens
-           give the rate of any longer run; its tokens are checked against the cached decoding.
+           (one timed run: each costs a full forward pass) give the rate of any longer run; its tokens are
+           checked against the cached decoding.
 profile    with --profile, one more train step compiled to record its XLA ops in a jax.profiler trace:
            the seconds of each kind of op (mygpt_jax/profiling.py), in the report and as `train_profile`.
 """
@@ -207,8 +208,7 @@ def profile_lines(ops: dict[str, tuple[float, int]], top: int = 12) -> list[str]
     """The op kinds that took most of one profiled train step, one line each."""
     total = sum(s for s, _ in ops.values())
     if not total:
-        return ["where the train step's time goes: no per-op events were recorded (this backend or jax version "
-                "cannot profile ops)"]
+        return ["where the train step's time goes: no per-op events were recorded (this backend records none)"]
     lines = [f"where one train step's {total:.2f} s goes (XLA ops, those running at once sharing the time; "
              "seconds, share, how many):"]
     lines += [f"  {kind:<32} {s:7.3f} s {s / total:6.1%} {n:6d}" for kind, (s, n) in list(ops.items())[:top]]

@@ -2,8 +2,9 @@
 
 `Generator.generate` runs the whole decode loop on the device (`lax.while_loop`); `Generator.stream`
 calls the same jitted step from Python and yields each token as it is made (for the chat). Shapes never
-depend on the prompt length (prompts, and the KV cache's length, prompt plus new tokens, are rounded up
-to powers of two) or on the step, so nothing is recompiled per token or per prompt of a similar length.
+depend on the prompt length (prompts, and the KV cache's length, padded prompt plus new tokens, are
+rounded up to powers of two) or on the step, so nothing is recompiled per token or per prompt of a
+similar length.
 
 Decoding one sequence is bound by memory bandwidth: every token reads all the weights once. The weights
 are kept in the model's compute dtype, so a bfloat16 model (`--config.model.dtype=bfloat16`) streams half
@@ -115,7 +116,7 @@ class Generator:
     def _prefill_impl(self, params: Any, padded: jax.Array, length: jax.Array, max_new: int, cache_length: int,
                       rng: jax.Array) -> DecodeState:
         batch = padded.shape[0]
-        cache = init_cache(self.cfg, batch, cache_length)
+        cache = init_cache(self.cfg, batch, length=cache_length)
         logits, cache = self.model.apply({"params": params}, padded, cache=cache, cache_index=0)
         return DecodeState(cache, logits[jnp.arange(batch), length - 1], length, rng,
                            jnp.zeros((batch, max_new), jnp.int32), jnp.int32(0), jnp.zeros((batch,), bool))
@@ -146,9 +147,11 @@ class Generator:
         prompt, max_new, notes = self.prepare(prompt)
         padded = np.zeros((self.settings.num_samples, _bucket(len(prompt), self.cfg.context_length)), np.int32)
         padded[:, :len(prompt)] = prompt
-        # The cache holds the positions this call uses, rounded up like the prompt: every decoding step's
-        # attention reads all of it (a 1024-position cache for 205 tokens made the 124M model ~14% slower).
-        cache_length = _bucket(len(prompt) + max_new, self.cfg.context_length)
+        # The cache holds the padded prompt and the new tokens, rounded up to a power of two, not the whole
+        # context: every decoding step's attention reads all of it (a 1024-position cache for 204 positions
+        # made the 124M model ~11% slower). It changes length only where the prompt's bucket does, so a
+        # chat recompiles the decoding step only when it recompiles the prefill.
+        cache_length = _bucket(padded.shape[1] + max_new, self.cfg.context_length)
         return self._prefill(self.params, jnp.asarray(padded), jnp.int32(len(prompt)), max_new, cache_length,
                              rng), notes
 

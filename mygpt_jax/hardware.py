@@ -75,7 +75,8 @@ def has_cudnn_attention() -> bool:
 
 
 def can_read_profiles() -> bool:
-    """Whether this jax reads a profiler trace back in Python (jax.profiler.ProfileData: not in jax 0.4.34)."""
+    """Whether this jax reads a profiler trace back in Python (jax.profiler.ProfileData: not in jax 0.5.0 and
+    older)."""
     return hasattr(jax.profiler, "ProfileData")
 
 

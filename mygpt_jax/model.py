@@ -64,7 +64,8 @@ class ModelConfig:
 
 
 class KVCache(NamedTuple):
-    """Keys and values of one layer for every position: (batch, heads, context_length, head_dim).
+    """Keys and values of one layer for every position it holds: (batch, heads, positions, head_dim), where
+    positions <= context_length (`init_cache`).
 
     Heads before positions: the attention matmuls read the cache in place (with positions first, XLA
     transposed both caches of every layer at every decoding step).
@@ -362,11 +363,11 @@ def logical_axes(cfg: ModelConfig) -> Any:
     return nn.get_partition_spec(boxed)
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None, dtype: Any = None) -> list[KVCache]:
+def init_cache(cfg: ModelConfig, batch_size: int, *, length: int | None = None, dtype: Any = None) -> list[KVCache]:
     """A zeroed KV cache for every layer, holding `length` positions (default: the whole context).
 
     Attention reads every position the cache holds, used or not, so a shorter cache decodes faster."""
-    shape = (batch_size, cfg.n_heads, length or cfg.context_length, cfg.head_dim)
+    shape = (batch_size, cfg.n_heads, cfg.context_length if length is None else length, cfg.head_dim)
     dtype = dtype or cfg.compute_dtype
     return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
 

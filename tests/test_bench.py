@@ -29,6 +29,7 @@ def test_bench_prints_valid_json_with_every_field():
     assert report["decode_tokens"] == 6 and report["recompute_matches"]  # cached decoding = full recompute
     assert report["train_mfu"] is None  # no GPU peak to compare with on a CPU
     if not PROFILES:
+        assert "train_profile" not in report
         return
     ops = report["train_profile"]  # --profile: {XLA op kind: [seconds, count]}, most time first
     assert ops, "the profiled train step recorded no ops"

@@ -24,12 +24,12 @@ def recompute_greedy(params, prompt, n):
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("new_tokens, cache_length", [(30, 64), (11, 16)])
-def test_kv_cache_decoding_equals_full_recompute(new_tokens, cache_length):
-    """The cache holds the positions the call uses (prompt + new tokens, rounded up to a power of two): the whole
-    context, or a cache whose last position the last token fills."""
+@pytest.mark.parametrize("prompt_length, new_tokens, cache_length", [(5, 30, 64), (16, 16, 32)])
+def test_kv_cache_decoding_equals_full_recompute(prompt_length, new_tokens, cache_length):
+    """The cache holds the padded prompt and the new tokens, rounded up to a power of two: the whole context,
+    or a cache whose last position the last token fills."""
     params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
-    prompt = [5, 17, 3, 88, 41]
+    prompt = [5, 17, 3, 88, 41, 60, 2, 9, 71, 33, 14, 96, 50, 8, 27, 64][:prompt_length]
     generator = Generator(CFG, params, SamplingSettings(max_new_tokens=new_tokens, stop_token=None))
     state, _ = generator._start(prompt, jax.random.key(0))
     assert state.cache[0].k.shape[2] == cache_length

@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--decode_runs", type=int, default=3, help="timed decodings (the fastest counts)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    if min(args.steps, args.batch_size, args.decode_tokens, args.decode_runs) < 1:
+        parser.error("--steps, --batch_size, --decode_tokens and --decode_runs must be at least 1")
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "matmul_flops_per_s_float32": matmul_rate(2048, torch.float32),
