@@ -252,4 +252,4 @@ def main(config: ml_collections.ConfigDict) -> None:
 if __name__ == "__main__":
     from mygpt_jax.cli import run
 
-    run(main)
+    run(main, compilation_cache=False)

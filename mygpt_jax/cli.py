@@ -15,6 +15,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mygpt_jax import hardware
 from mygpt_jax.config import validate
 from mygpt_jax.errors import UserError
 
@@ -56,8 +57,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(_flag_error_message(e, argv), 2)
 
 
-def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
-    """Run `main(config)` as a command-line program (the `python -m mygpt_jax.X` entries)."""
+def run(main: Callable[[ml_collections.ConfigDict], None], compilation_cache: bool = True) -> None:
+    """Run `main(config)` as a command-line program (the `python -m mygpt_jax.X` entries), with the config's
+    compilation cache unless `compilation_cache` is False (the benchmark times real compiles)."""
 
     def _main(argv: list[str]) -> None:
         if len(argv) > 1:
@@ -73,6 +75,8 @@ def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
         logging.set_verbosity(logging.WARNING)  # Orbax and absl are chatty at INFO
         try:
             validate(config)
+            if compilation_cache:
+                hardware.use_compilation_cache(config.compilation_cache_dir, config.compilation_cache_min_seconds)
             main(config)
         except UserError as e:
             _fail(str(e), 1)

@@ -5,6 +5,7 @@ an override of a key that does not exist is an error (the ConfigDict is locked b
 """
 
 import functools
+import os
 
 import ml_collections
 
@@ -24,6 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Where OpenAI's files are downloaded from, tried in order (comma-separated base URLs).
     c.weights_urls = ("https://openaipublic.blob.core.windows.net/gpt-2/models,"
                       "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
+    # Compiled XLA programs kept between commands (jax's persistent compilation cache), so that running a
+    # command again loads its train step or decoding loop instead of compiling it; "" = off. Programs that
+    # compiled faster than compilation_cache_min_seconds are not kept.
+    c.compilation_cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "mygpt_jax", "xla")
+    c.compilation_cache_min_seconds = 0.1
 
     c.model = m = ml_collections.ConfigDict()
     m.vocab_size = 50257
@@ -126,6 +132,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(s.num_samples > 0, "sample.num_samples", "must be positive")
     require(c.eval.batch_size > 0, "eval.batch_size", "must be positive")
     require(bool(c.run_name) and "/" not in c.run_name, "run_name", "must be a non-empty name without '/'")
+    require(c.compilation_cache_min_seconds >= 0, "compilation_cache_min_seconds", "must be >= 0")
 
 
 # OpenAI's GPT-2 sizes: (emb_dim, n_heads, n_layers); all have context 1024, qkv bias and a tied head.

@@ -40,11 +40,10 @@ import time
 import traceback
 from typing import Any, Sequence
 
-import jax
 import ml_collections
 from absl import logging
 
-from mygpt_jax import checkpoint, plots, train
+from mygpt_jax import checkpoint, hardware, plots, train
 from mygpt_jax.config import base_config, validate
 from mygpt_jax.errors import UserError
 
@@ -315,22 +314,13 @@ def one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
 
 
-def share_compilations(folder: str) -> None:
-    """Keep compiled XLA programs in `folder` (JAX's persistent cache) unless a cache is set already.
-
-    The seeds of a variant compile the same programs, and so do reruns: each compiles once per sweep.
-    """
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", folder)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-
-
 def train_run(run: Run) -> dict:
     """Train one run with its output in <run dir>/train.log; its summary, or {"error": ...} if it raised."""
     os.makedirs(run.dir, exist_ok=True)
     with open(os.path.join(run.dir, "train.log"), "a", buffering=1) as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
         try:
+            hardware.use_compilation_cache(run.config.compilation_cache_dir, run.config.compilation_cache_min_seconds)
             return train.train_and_evaluate(run.config)
         except Exception as e:  # any failure is reported in the results; the sweep goes on
             traceback.print_exc(file=log)
@@ -477,7 +467,6 @@ def run_sweep(plan: Plan) -> int:
     todo = [run for run in runs if run.name not in outcomes]
     print(f"{sweep.name}: {len(sweep.variants)} variants x {len(sweep.seeds)} seeds = {len(runs)} runs in {plan.dir} "
           f"({len(runs) - len(todo)} finished earlier); each run logs to <run dir>/train.log", flush=True)
-    share_compilations(os.path.join(os.path.dirname(plan.dir), ".jax_cache"))
     started = time.time()
     for i, run in enumerate(runs, 1):
         prefix = f"[{i}/{len(runs)}] {sweep.name} {run.name}"

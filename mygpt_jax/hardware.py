@@ -74,6 +74,15 @@ def has_cudnn_attention() -> bool:
     return float(getattr(device, "compute_capability", "0")) >= 8.0
 
 
+def use_compilation_cache(directory: str, min_seconds: float) -> None:
+    """Keep compiled XLA programs in `directory` (jax's persistent compilation cache; "" leaves it off), those
+    that took at least `min_seconds` to compile: a command run again loads them instead of compiling (the
+    124M decoding's first text 9.0 -> 6.0 s, README)."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+
+
 def can_read_profiles() -> bool:
     """Whether this jax reads a profiler trace back in Python (jax.profiler.ProfileData: not in jax 0.5.0 and
     older)."""

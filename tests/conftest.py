@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -13,6 +14,19 @@ import pytest
 from mygpt_jax.pretrained.download import FILENAMES
 
 DROPPED = "model.ckpt.data-00000-of-00001"  # the file that mode "drop" cuts short
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compilation_cache(tmp_path_factory) -> Iterator[Path]:
+    """The commands the tests run share one compilation cache (config.compilation_cache_dir's default, under
+    XDG_CACHE_HOME) in a temporary folder, not the developer's ~/.cache."""
+    folder, before = tmp_path_factory.mktemp("xdg_cache"), os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder / "mygpt_jax" / "xla"
+    if before is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,27 @@ def full_run(tmp_path_factory):
     return ckpt, result
 
 
+def test_a_command_run_again_loads_its_compiled_programs(tmp_path):
+    cache = tmp_path / "xla"
+    args = [f"--config.checkpoint_dir={tmp_path}", f"--config.compilation_cache_dir={cache}",
+            "--config.compilation_cache_min_seconds=0",  # keep every program, however fast it compiled
+            "--config.train.resume=False", "--config.train.max_steps=3", "--config.train.flops_matmul_size=0"]
+    first = run_cli("train", *args)
+    assert first.returncode == 0, first.stderr
+    kept = sorted(os.listdir(cache))
+    assert kept, "the first run kept no compiled program"
+    second = run_cli("train", *args)
+    assert second.returncode == 0, second.stderr
+    assert sorted(os.listdir(cache)) == kept  # every program came from the cache: nothing new was written
+    losses = [[line for line in r.stdout.splitlines() if line.startswith("Ep ")] for r in (first, second)]
+    assert losses[0] and losses[0] == losses[1]
+
+
+def test_the_default_compilation_cache_follows_xdg_cache_home(compilation_cache):
+    from mygpt_jax.config import base_config
+    assert base_config().compilation_cache_dir == str(compilation_cache)
+
+
 def test_train_prints_losses_samples_and_writes_run_dir(full_run):
     ckpt, result = full_run
     run_dir = ckpt / "tiny"
