@@ -284,7 +284,8 @@ def finished_runs(runs: Sequence[Run]) -> dict[str, dict]:
 
     A run is finished when its summary.json counts as many updates as its latest checkpoint holds (an
     interrupted run has a checkpoint but no summary, or the summary of a shorter earlier run). A key the
-    checkpoint lacks (added to the config since) counts as the same setting if it has its default value.
+    checkpoint lacks (added to the config since) counts as the same setting if it has its default value; where
+    compiled programs are cached is no setting of a run.
     """
     finished, defaults = {}, flatten(base_config().to_dict())
     for run in runs:
@@ -293,8 +294,8 @@ def finished_runs(runs: Sequence[Run]) -> dict[str, dict]:
             continue
         saved = flatten(checkpoint.restore_meta(run.dir, step)["config"])
         now = json.loads(json.dumps(flatten(run.config.to_dict())))  # as the checkpoint stored it
-        diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items()
-                if saved.get(k) != v and not (k not in saved and v == defaults.get(k))]  # a key added since
+        diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if not k.startswith("compilation_cache")
+                and saved.get(k) != v and not (k not in saved and v == defaults.get(k))]  # a key added since
         if diff:
             raise UserError(f"{run.dir} holds a run with other settings ({'; '.join(diff[:3])}); delete it, or "
                             "keep both by passing another --config.checkpoint_dir")

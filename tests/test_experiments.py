@@ -171,6 +171,8 @@ def test_a_checkpoint_saved_before_a_config_key_existed_counts_as_that_keys_defa
     del saved["model"]["attention"]
     checkpoint.save(run.dir, 1, {"w": np.zeros(2, np.float32)}, {"config": saved})
     assert experiments.finished_runs([run]) == {}  # a checkpoint without a summary: to resume, no error
+    config.compilation_cache_dir = str(tmp_path / "elsewhere")  # where programs are cached: not a setting
+    assert experiments.finished_runs([run]) == {}
     config.model.drop_rate = 0.0
     with pytest.raises(UserError, match=r"holds a run with other settings \(model.drop_rate: 0.1 -> 0.0\)"):
         experiments.finished_runs([run])
