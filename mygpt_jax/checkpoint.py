@@ -8,7 +8,10 @@ buffers, so an asynchronous save could read memory the next step already reuses.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import sys
 from typing import Any
 
 import jax
@@ -53,17 +56,40 @@ def _on_device(abstract: Any) -> Any:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device), abstract)
 
 
+def _reason(e: Exception) -> str:
+    """The first sentence of an Orbax/TensorStore error, without the storage specs some of them append."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = re.split(r" See full TensorStore details| \{\"|: \{'", first)[0]
+    return first if len(first) <= 200 else first[:197] + "..."
+
+
+def _is_closed_loop(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+@functools.cache  # install the hooks once
+def _quiet_closed_loop() -> None:
+    """When a restore fails, the TensorStore reads still in flight finish into Orbax's closed event loop, and
+    Python would print an "Event loop is closed" traceback for each (through sys.excepthook from TensorStore's
+    threads, or sys.unraisablehook), even before the error reaches us: noise around the one-line error."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda kind, error, tb: None if _is_closed_loop(error) else excepthook(kind, error, tb)
+    sys.unraisablehook = lambda u: None if _is_closed_loop(u.exc_value) else unraisablehook(u)
+
+
 def _restore(run_dir: str, step: int | None, **items: ocp.args.CheckpointArgs) -> Any:
     step = latest_step(run_dir) if step is None else step
     if step is None:
         raise UserError(f"no checkpoint in {run_dir}")
-    try:
-        with _manager(run_dir) as mngr:
+    _quiet_closed_loop()
+    with _manager(run_dir) as mngr:
+        try:
             return mngr.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # Orbax raises many types for unreadable or mismatched data
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"checkpoint {os.path.join(run_dir, str(step))} could not be restored ({reason}); "
-                        "delete that folder (training: or start fresh with --config.train.resume=False)") from e
+        except Exception as e:  # Orbax raises many types for unreadable or mismatched data
+            older = [s for s in mngr.all_steps() if s < step]
+            fix = f"delete that folder to use step {max(older)} instead" if older else "delete that folder"
+            raise UserError(f"checkpoint {os.path.join(run_dir, str(step))} could not be restored ({_reason(e)}); "
+                            f"{fix} (training: or start fresh with --config.train.resume=False)") from e
 
 
 def restore_train_state(run_dir: str, abstract_params: Any, abstract_opt_state: Any,

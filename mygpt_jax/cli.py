@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import types
 from typing import Callable, NoReturn, Sequence
 
 import ml_collections
@@ -17,10 +18,11 @@ from ml_collections import config_flags
 
 from mygpt_jax import hardware
 from mygpt_jax.config import validate
-from mygpt_jax.errors import UserError
+from mygpt_jax.errors import Interrupted, UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file with get_config(), e.g. configs/verdict.py.", lock_config=True)
+CONFIG_FILE_HINT = "a config file defines get_config() returning an ml_collections.ConfigDict, like configs/verdict.py"
 
 
 def config_path() -> str:
@@ -34,6 +36,8 @@ def _fail(message: str, status: int) -> NoReturn:
 
 
 def _flag_error_message(e: Exception, argv: Sequence[str]) -> str:
+    if isinstance(e, AttributeError) and e.name == "get_config" and isinstance(e.obj, types.ModuleType):
+        return f"the config file {e.obj.__file__} has no get_config(); {CONFIG_FILE_HINT}"
     raw = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     if isinstance(e, (KeyError, AttributeError)):  # config_flags' way of saying "no such key"
         raw = raw.replace("\\'", "'").replace("\\n", "\n")
@@ -65,13 +69,16 @@ def run(main: Callable[[ml_collections.ConfigDict], None], compilation_cache: bo
         if len(argv) > 1:
             _fail(f"unexpected arguments {argv[1:]}; settings are --config.<key>=<value>", 2)
         config = _CONFIG.value
-        if config is None:
+        if not flags.FLAGS["config"].present:
             _fail("no config given; pass --config configs/verdict.py (or another file in configs/)", 2)
         try:
-            config.get("model")  # config_flags reports a file it could not load only when it is used
+            getattr(config, "model", None)  # config_flags reports a file it could not load only when it is used
         except OSError as e:
             reason = str(e).strip().splitlines()[-1].strip()
             _fail(f"cannot load the config file {config_path()}: {reason}; use one of the files in configs/", 2)
+        if not isinstance(config, ml_collections.ConfigDict):
+            returned = "None" if config is None else f"a {type(config).__name__}"
+            _fail(f"the config file {config_path()}: get_config() returned {returned}; {CONFIG_FILE_HINT}", 2)
         logging.set_verbosity(logging.WARNING)  # Orbax and absl are chatty at INFO
         try:
             validate(config)
@@ -80,6 +87,8 @@ def run(main: Callable[[ml_collections.ConfigDict], None], compilation_cache: bo
             main(config)
         except UserError as e:
             _fail(str(e), 1)
+        except Interrupted:  # the command has said what it saved
+            sys.exit(130)
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             sys.exit(130)

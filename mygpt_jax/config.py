@@ -5,7 +5,9 @@ an override of a key that does not exist is an error (the ConfigDict is locked b
 """
 
 import functools
+import json
 import os
+from typing import Any
 
 import ml_collections
 
@@ -123,7 +125,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
             f"must divide train.batch_size={t.batch_size}")
     require(t.learning_rate > 0, "train.learning_rate", "must be positive")
-    require(t.warmup_steps >= 0 and t.max_steps >= 0, "train.warmup_steps", "must be >= 0")
+    require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(0.0 <= t.beta1 < 1.0, "train.beta1", "must be in [0, 1)")
+    require(0.0 <= t.beta2 < 1.0, "train.beta2", "must be in [0, 1)")
+    require(t.eps > 0, "train.eps", "must be positive")
+    require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0 (0 = no warmup)")
+    require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping)")
+    require(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
     require(t.flops_matmul_size >= 0, "train.flops_matmul_size", "must be >= 0 (0 skips the measurement)")
     require(s.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
     require(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
@@ -155,3 +164,26 @@ def gpt2_config(size: str) -> ml_collections.ConfigDict:
     c.sample.prompt = ""  # empty: interactive chat; --config.sample.prompt="..." completes once
     c.sample.temperature, c.sample.top_k = 1.0, 40
     return c
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"drop_rate": 0.1}} -> {"model.drop_rate": 0.1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(saved: dict, config: ml_collections.ConfigDict, groups: tuple[str, ...] | None = None
+                     ) -> list[str]:
+    """"key: saved -> now" for each key of `config` (of `groups`, default all) whose value differs from the config
+    a checkpoint saved. A key the checkpoint lacks (added to the project since) is the same setting if it has its
+    default; where compiled programs are cached is no setting of a run."""
+    saved_flat, defaults = flatten(saved), flatten(base_config().to_dict())
+    now = json.loads(json.dumps(flatten(config.to_dict())))  # as the checkpoint stored it (tuples as lists)
+    return [f"{k}: {saved_flat.get(k)!r} -> {v!r}" for k, v in now.items()
+            if (groups is None or k.split(".")[0] in groups) and not k.startswith("compilation_cache")
+            and saved_flat.get(k) != v and not (k not in saved_flat and v == defaults.get(k))]

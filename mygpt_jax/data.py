@@ -22,16 +22,19 @@ def default_text_path() -> str:
     return str(resources.files("mygpt_jax") / "assets" / "the-verdict.txt")
 
 
-def load_text(path: str) -> str:
-    path = path or default_text_path()
+def load_text(path: str, key: str = "data.path") -> str:
+    """The text of `path` ("" = the bundled verdict, `~` expanded); errors name `key`, the config key that gave it."""
+    path = os.path.expanduser(path) or default_text_path()
+    if os.path.isdir(path):
+        raise UserError(f"data file {path} is a folder, not a text file; point --config.{key} at a UTF-8 text file")
     if not os.path.isfile(path):
-        raise UserError(f"data file {path} does not exist; point --config.data.path at a UTF-8 text file")
+        raise UserError(f"data file {path} does not exist; point --config.{key} at a UTF-8 text file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                        "convert it to UTF-8 or choose another --config.data.path") from e
+                        f"convert it to UTF-8 or choose another --config.{key}") from e
 
 
 def make_windows(ids: list[int] | np.ndarray, context_length: int, stride: int) -> np.ndarray:

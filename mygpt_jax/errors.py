@@ -1,4 +1,4 @@
-"""The one error type users see: raised anywhere, printed by the CLI entry as a single line."""
+"""The error types users see: raised anywhere, reported by the CLI entry in a single line."""
 
 
 class UserError(Exception):
@@ -6,3 +6,7 @@ class UserError(Exception):
 
     The message must say what went wrong and what to do about it, in one line.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the command has already said what it saved and how to go on."""

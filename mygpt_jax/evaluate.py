@@ -70,7 +70,7 @@ def evaluate_ids(cfg: ModelConfig, params: Any, ids: list[int], batch_size: int,
 
 def main(config: ml_collections.ConfigDict) -> None:
     path = config.eval.text_file or data.default_text_path()
-    text = data.load_text(path)
+    text = data.load_text(path, key="eval.text_file")
     cfg, params = load_model(config)
     tokens, loss = evaluate_ids(cfg, params, encode(text), config.eval.batch_size)
     perplexity = math.exp(loss)

@@ -44,7 +44,7 @@ import ml_collections
 from absl import logging
 
 from mygpt_jax import checkpoint, hardware, plots, train
-from mygpt_jax.config import base_config, validate
+from mygpt_jax.config import changed_settings, flatten, validate
 from mygpt_jax.errors import UserError
 
 # Summary values a sweep can report in results.md (results.csv always has them all): (column, format).
@@ -90,17 +90,6 @@ class Run:
 
 
 # ----------------------------------------------------------------------------------------------- configs
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"drop_rate": 0.1}} -> {"model.drop_rate": 0.1}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def get_value(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -149,6 +138,8 @@ def load_module(path: str, what: str) -> Any:
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"_mygpt_{os.path.basename(path)[:-3]}", path)
+    if spec is None:  # importlib reads only files named *.py
+        raise UserError(f"{what} {path} is not a Python file; give the path of a .py file")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -287,15 +278,12 @@ def finished_runs(runs: Sequence[Run]) -> dict[str, dict]:
     checkpoint lacks (added to the config since) counts as the same setting if it has its default value; where
     compiled programs are cached is no setting of a run.
     """
-    finished, defaults = {}, flatten(base_config().to_dict())
+    finished = {}
     for run in runs:
         step = checkpoint.latest_step(run.dir)
         if step is None:
             continue
-        saved = flatten(checkpoint.restore_meta(run.dir, step)["config"])
-        now = json.loads(json.dumps(flatten(run.config.to_dict())))  # as the checkpoint stored it
-        diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if not k.startswith("compilation_cache")
-                and saved.get(k) != v and not (k not in saved and v == defaults.get(k))]  # a key added since
+        diff = changed_settings(checkpoint.restore_meta(run.dir, step)["config"], run.config)
         if diff:
             raise UserError(f"{run.dir} holds a run with other settings ({'; '.join(diff[:3])}); delete it, or "
                             "keep both by passing another --config.checkpoint_dir")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -77,10 +79,20 @@ def has_cudnn_attention() -> bool:
 def use_compilation_cache(directory: str, min_seconds: float) -> None:
     """Keep compiled XLA programs in `directory` (jax's persistent compilation cache; "" leaves it off), those
     that took at least `min_seconds` to compile: a command run again loads them instead of compiling (the
-    124M decoding's first text 9.0 -> 6.0 s, README)."""
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+    124M decoding's first text 9.0 -> 6.0 s, README). A folder that cannot be written gets one warning line and
+    no cache (jax would print Python warnings with source lines when it fails to read or write it)."""
+    if not directory:
+        return
+    directory = os.path.expanduser(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        print(f"warning: cannot write the compilation cache folder {directory} ({e.strerror or e}); running without "
+              "it; set --config.compilation_cache_dir to a writable folder or \"\" to turn it off", file=sys.stderr)
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
 
 
 def can_read_profiles() -> bool:

@@ -27,7 +27,8 @@ import optax
 from tqdm import tqdm
 
 from mygpt_jax import checkpoint, data, hardware
-from mygpt_jax.errors import UserError
+from mygpt_jax.config import changed_settings
+from mygpt_jax.errors import Interrupted, UserError
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.model import GPT, ModelConfig, check_backend, count_params, init_params, matmul_flops_per_token
 from mygpt_jax.plots import plot_losses
@@ -190,6 +191,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
 
     check_backend(cfg)  # before anything is deleted or restored
     run_dir = os.path.join(config.checkpoint_dir, config.run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {run_dir} ({e.strerror}); set --config.checkpoint_dir to a "
+                        "writable folder") from e
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     resume_step = checkpoint.latest_step(run_dir)
     if resume_step is not None and not t.resume:
@@ -203,15 +209,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
     else:
+        saved_config = checkpoint.restore_meta(run_dir, resume_step)["config"]
+        _check_same_model(saved_config["model"], config, run_dir)
+        changed = changed_settings(saved_config, config, groups=("model", "data", "train"))
         abstract = jax.eval_shape(lambda: init_params(cfg, init_rng))
         abstract_opt = jax.eval_shape(tx.init, abstract)
-        params, opt_state, meta = checkpoint.restore_train_state(run_dir, abstract, abstract_opt, resume_step)
-        _check_same_model(meta["config"]["model"], config, run_dir)
+        try:
+            params, opt_state, meta = checkpoint.restore_train_state(run_dir, abstract, abstract_opt, resume_step)
+        except UserError as e:
+            if not changed:
+                raise
+            raise UserError(f"the checkpoint in {run_dir} does not fit settings changed since it was saved "
+                            f"({'; '.join(changed[:3])}); rerun with its settings, use another --config.run_name "
+                            "or start fresh with --config.train.resume=False") from e
         state = TrainState(jnp.int32(meta["step"]), params, opt_state)
         epoch, batch_in_epoch, tokens_seen = meta["epoch"], meta["batch_in_epoch"], meta["tokens_seen"]
         records = _truncate_metrics(metrics_path, meta["step"])
         print(f"Resuming {run_dir} from update {meta['step']} (epoch {epoch + 1}, batch {batch_in_epoch})")
-    os.makedirs(run_dir, exist_ok=True)
+        if changed:
+            print(f"Settings changed since that checkpoint: {'; '.join(changed)}")
 
     n_params = count_params(state.params)
     flops_per_token = matmul_flops_per_token(cfg)
@@ -249,6 +265,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
             tokens_per_s = records[-1]["tokens_per_s"]
         train_loss = evaluate(eval_step, state.params, splits.train, t.batch_size, t.eval_iter)
         val_loss = evaluate(eval_step, state.params, splits.val, t.batch_size, t.eval_iter)
+        if not np.isfinite([batch_loss, train_loss, val_loss]).all():  # not saved: resuming keeps the last good state
+            kept = f"the checkpoint of update {saved_step} is kept" if saved_step else "nothing was saved"
+            raise UserError(f"the loss is {train_loss} at update {update}: training diverged ({kept}); lower "
+                            f"--config.train.learning_rate (now {t.learning_rate:g}) or clip the gradients "
+                            "(--config.train.grad_clip=1.0)")
         record = {"update": update, "step": update - 1, "epoch": epoch_number, "tokens_seen": tokens_seen,
                   "train_loss": train_loss, "val_loss": val_loss, "batch_loss": batch_loss,
                   "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops_per_token / 1e12,
@@ -262,9 +283,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         mark_time, mark_tokens = time.time(), tokens_seen
 
     update = int(state.step)
+    summary_path = os.path.join(run_dir, "summary.json")
     if update >= total_steps:
-        print(f"{run_dir} is already trained ({update} updates); raise --config.train.num_epochs to train "
+        limit = "max_steps" if t.max_steps and t.max_steps < steps_per_epoch * t.num_epochs else "num_epochs"
+        print(f"{run_dir} is already trained ({update} updates); raise --config.train.{limit} to train "
               "on, or start fresh with --config.train.resume=False")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                return json.load(f)
     bar = tqdm(total=total_steps, initial=update, unit="step", dynamic_ncols=True, disable=None,
                file=sys.stderr)
     try:
@@ -298,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         save()
         print(f"\nInterrupted: saved update {int(state.step)} to {run_dir}; rerun the same command to resume.",
               file=sys.stderr)
-        raise
+        raise Interrupted from None
     if update > (resume_step or 0):
         with _InterruptsBetweenSteps():
             if records[-1:] and records[-1]["update"] != update:  # the final model's losses, too
@@ -315,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                        tokens_per_s=float(np.mean([r["tokens_per_s"] for r in records[1:]] or
                                                   [records[0]["tokens_per_s"]])))
         plot_losses(records, os.path.join(run_dir, "loss.png"))
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    with open(summary_path, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"Training finished in {wall_s / 60:.2f} minutes ({tokens_seen:,} tokens seen); "
           f"checkpoint, metrics.jsonl and loss.png in {run_dir}")

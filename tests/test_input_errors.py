@@ -1,0 +1,97 @@
+"""Bad input gets one `error: ...` line naming what to fix, before anything is compiled."""
+
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs.tiny import get_config
+from mygpt_jax import data, hardware
+from mygpt_jax.cli import CONFIG_FILE_HINT
+from mygpt_jax.config import validate
+from mygpt_jax.errors import UserError
+from tests.utils import REPO, cli_env, run_cli
+
+
+def one_line(result, status):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == status and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_a_missing_eval_text_file_names_eval_text_file():
+    result = run_cli("evaluate", "--config.eval.text_file=/no/such/file.txt")
+    assert one_line(result, 1) == ("error: data file /no/such/file.txt does not exist; point "
+                                   "--config.eval.text_file at a UTF-8 text file")
+
+
+def test_a_folder_as_data_path_is_called_a_folder(tmp_path):
+    result = run_cli("train", f"--config.data.path={tmp_path}", f"--config.checkpoint_dir={tmp_path}")
+    assert f"data file {tmp_path} is a folder, not a text file; point --config.data.path" in one_line(result, 1)
+
+
+def test_text_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "my.txt").write_text("Every effort moves you")
+    assert data.load_text("~/my.txt", key="eval.text_file") == "Every effort moves you"
+    with pytest.raises(UserError, match=f"data file {tmp_path}/nope.txt does not exist; point --config.data.path"):
+        data.load_text("~/nope.txt")
+
+
+def test_negative_max_steps_names_max_steps(tmp_path):
+    result = run_cli("train", "--config.train.max_steps=-1", f"--config.checkpoint_dir={tmp_path}")
+    assert one_line(result, 1) == "error: --config.train.max_steps=-1 is invalid: must be >= 0 (0 = no limit)"
+
+
+@pytest.mark.parametrize("key, value, what", [
+    ("warmup_steps", -1, "must be >= 0 (0 = no warmup)"),
+    ("learning_rate", 0.0, "must be positive"),
+    ("weight_decay", -0.1, "must be >= 0"),
+    ("beta1", 1.0, "must be in [0, 1)"),
+    ("beta2", -0.5, "must be in [0, 1)"),
+    ("eps", 0.0, "must be positive"),
+    ("min_lr_ratio", 1.5, "must be in [0, 1]"),
+    ("grad_clip", -1.0, "must be >= 0 (0 = no clipping)"),
+])
+def test_each_optimizer_setting_is_checked_under_its_own_name(key, value, what):
+    config = get_config()
+    validate(config)
+    config.train[key] = value
+    with pytest.raises(UserError) as e:
+        validate(config)
+    assert str(e.value) == f"--config.train.{key}={value!r} is invalid: {what}"
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("def get_config():\n    return {'model': {}}\n", "get_config() returned a dict"),
+    ("X = 1\n", "has no get_config()"),
+])
+def test_a_config_file_that_is_not_one_says_what_a_config_file_is(tmp_path, body, problem):
+    path = tmp_path / "my_config.py"
+    path.write_text(body)
+    line = one_line(run_cli("train", config=str(path)), 2)
+    assert line.startswith(f"error: the config file {path}") and problem in line and line.endswith(CONFIG_FILE_HINT)
+
+
+def test_a_sweep_path_that_is_not_python_says_so():
+    cmd = [sys.executable, "-m", "mygpt_jax.experiments", "experiments/README.md", "--dry-run"]
+    result = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert one_line(result, 2) == ("error: sweep file experiments/README.md is not a Python file; give the path "
+                                   "of a .py file")
+
+
+def test_an_unwritable_compilation_cache_is_one_warning_and_off(tmp_path):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    folder = in_the_way / "xla"
+    result = run_cli("train", f"--config.compilation_cache_dir={folder}", "--config.data.path=/no/such/file.txt",
+                     f"--config.checkpoint_dir={tmp_path}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 2, result.stderr
+    assert lines[0] == (f"warning: cannot write the compilation cache folder {folder} (Not a directory); running "
+                        "without it; set --config.compilation_cache_dir to a writable folder or \"\" to turn it off")
+    assert lines[1].startswith("error: data file /no/such/file.txt does not exist")
+    before = jax.config.jax_compilation_cache_dir
+    hardware.use_compilation_cache(str(folder), 0.0)
+    assert jax.config.jax_compilation_cache_dir == before
