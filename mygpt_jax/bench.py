@@ -11,7 +11,8 @@ machine    matmul rate: jnp.dot of two random square matrices (--matmul_size), f
            second. All are limits, so each is the best of 5 runs, measured before the train step and
            again after decoding (other jobs only slow down). See mygpt_jax/hardware.py.
 train      the config's model, batch size, gradient accumulation, optimizer and dtype, jitted as train.py
-           does (whole step, donated state) on random tokens; --steps steps with one sync at the end.
+           does (whole step, donated state) on random tokens; --steps steps with one sync at the end, and
+           the host page faults they took (memory the allocator got afresh from the kernel; README).
            FLOPs come from `matmul_flops_per_token`: 6 FLOPs per matmul weight per token (2 forward,
            4 backward) + 12 L d T for the attention scores and weighted sums; elementwise work is not
            counted. The fraction is achieved FLOP/s over the measured matmul rate of the compute dtype
@@ -102,13 +103,16 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int,
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(steps):  # no host sync inside the loop, as in training
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
     tokens_per_s = t.batch_size * cfg.context_length / step_s
     result = {"num_params": num_params, "train_compile_s": compile_s, "train_step_s": step_s,
+              "train_page_faults_per_step": faults,
               "train_tokens_per_s": tokens_per_s, "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
     if profile:
         _progress("train step: compiling it to record its ops, then one profiled step")
@@ -232,7 +236,8 @@ def report(r: dict[str, Any]) -> str:
         f"copy (read + write) {r['copy_bytes_per_s'] / 1e9:.1f} GB/s",
         f"train step (batch {r['batch_size']} x {r['context_length']}): {r['train_step_s']:.2f} s, "
         f"{r['train_tokens_per_s']:.1f} tokens/s, {r['train_flops_per_s'] / 1e9:.1f} GFLOP/s = "
-        f"{r['train_flops_fraction']:.2f} of the {r['train_flops_reference']} matmul rate{mfu}",
+        f"{r['train_flops_fraction']:.2f} of the {r['train_flops_reference']} matmul rate{mfu}; "
+        f"{r['train_page_faults_per_step']:,.0f} page faults per step",
         f"decode (batch 1, {r['decode_tokens']} tokens, KV cache): {r['decode_tokens_per_s']:.2f} tokens/s = "
         f"{r['decode_bandwidth_fraction']:.2f} of the bandwidth limit {r['decode_limit_tokens_per_s']:.2f} tokens/s "
         f"({r['decode_bytes_per_token'] / 1e6:.0f} MB of weights per token)",

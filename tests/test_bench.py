@@ -28,6 +28,7 @@ def test_bench_prints_valid_json_with_every_field():
     assert report["num_params"] == 3_242_752 and report["batch_size"] == 2 and report["dtype"] == "float32"
     assert report["decode_tokens"] == 6 and report["recompute_matches"]  # cached decoding = full recompute
     assert report["train_mfu"] is None  # no GPU peak to compare with on a CPU
+    assert report["train_page_faults_per_step"] >= 0  # may be 0: a tiny step's memory is reused
     if not PROFILES:
         assert "train_profile" not in report
         return
