@@ -93,12 +93,12 @@ def _restore(run_dir: str, step: int | None, **items: ocp.args.CheckpointArgs) -
 
 
 def restore_train_state(run_dir: str, abstract_params: Any, abstract_opt_state: Any,
-                        step: int | None = None) -> tuple[Any, Any, dict]:
-    """(params, opt_state, meta) of `step` (default: the latest) shaped like the abstract trees."""
+                        step: int | None = None) -> tuple[Any, Any]:
+    """(params, opt_state) of `step` (default: the latest) shaped like the abstract trees; its meta, which
+    says whether they fit, comes from `restore_meta`."""
     restored = _restore(run_dir, step, params=ocp.args.StandardRestore(_on_device(abstract_params)),
-                        opt_state=ocp.args.StandardRestore(_on_device(abstract_opt_state)),
-                        meta=ocp.args.JsonRestore())
-    return restored["params"], restored["opt_state"], restored["meta"]
+                        opt_state=ocp.args.StandardRestore(_on_device(abstract_opt_state)))
+    return restored["params"], restored["opt_state"]
 
 
 def restore_params(run_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, dict]:

@@ -177,13 +177,15 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_settings(saved: dict, config: ml_collections.ConfigDict, groups: tuple[str, ...] | None = None
+def changed_settings(saved: dict, config: ml_collections.ConfigDict, within: tuple[str, ...] | None = None
                      ) -> list[str]:
-    """"key: saved -> now" for each key of `config` (of `groups`, default all) whose value differs from the config
-    a checkpoint saved. A key the checkpoint lacks (added to the project since) is the same setting if it has its
-    default; where compiled programs are cached is no setting of a run."""
+    """"key: saved -> now" for each key of `config` whose value differs from the config a checkpoint saved; only
+    the keys `within` names (a key or a group: "model.emb_dim", "train"), default all. A key the checkpoint lacks
+    (added to the project since) is the same setting if it has its default; where compiled programs are cached
+    is no setting of a run."""
     saved_flat, defaults = flatten(saved), flatten(base_config().to_dict())
     now = json.loads(json.dumps(flatten(config.to_dict())))  # as the checkpoint stored it (tuples as lists)
     return [f"{k}: {saved_flat.get(k)!r} -> {v!r}" for k, v in now.items()
-            if (groups is None or k.split(".")[0] in groups) and not k.startswith("compilation_cache")
+            if (within is None or any(k == w or k.startswith(w + ".") for w in within))
+            and not k.startswith("compilation_cache")
             and saved_flat.get(k) != v and not (k not in saved_flat and v == defaults.get(k))]

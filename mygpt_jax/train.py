@@ -126,11 +126,13 @@ def _initial_params(config: ml_collections.ConfigDict, cfg: ModelConfig, rng: ja
     return params
 
 
-def _check_same_model(saved: dict, config: ml_collections.ConfigDict, run_dir: str) -> None:
-    now = config.model.to_dict()
-    diff = [f"model.{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items()
-            if k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
-                     "tie_embeddings") and saved.get(k) != v]
+# The model keys that shape the parameters: a checkpoint made with other values cannot be restored.
+_MODEL_SHAPE = tuple(f"model.{k}" for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
+                                            "qkv_bias", "tie_embeddings"))
+
+
+def _check_same_model(saved_config: dict, config: ml_collections.ConfigDict, run_dir: str) -> None:
+    diff = changed_settings(saved_config, config, within=_MODEL_SHAPE)
     if diff:
         raise UserError(f"the checkpoint in {run_dir} was trained with another model ({'; '.join(diff)}); "
                         "use another --config.run_name or start fresh with --config.train.resume=False")
@@ -209,13 +211,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
     else:
-        saved_config = checkpoint.restore_meta(run_dir, resume_step)["config"]
-        _check_same_model(saved_config["model"], config, run_dir)
-        changed = changed_settings(saved_config, config, groups=("model", "data", "train"))
+        meta = checkpoint.restore_meta(run_dir, resume_step)
+        _check_same_model(meta["config"], config, run_dir)
+        changed = changed_settings(meta["config"], config, within=("model", "data", "train"))
         abstract = jax.eval_shape(lambda: init_params(cfg, init_rng))
         abstract_opt = jax.eval_shape(tx.init, abstract)
         try:
-            params, opt_state, meta = checkpoint.restore_train_state(run_dir, abstract, abstract_opt, resume_step)
+            params, opt_state = checkpoint.restore_train_state(run_dir, abstract, abstract_opt, resume_step)
         except UserError as e:
             if not changed:
                 raise

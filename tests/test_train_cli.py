@@ -117,6 +117,10 @@ def test_resuming_names_the_settings_changed_since_the_checkpoint(full_run, tmp_
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 1 and len(lines) == 1, refused.stderr
     assert "does not fit settings changed since it was saved (train.warmup_steps: 0 -> 5)" in lines[0]
+    other_model = run_cli("train", f"--config.checkpoint_dir={tmp_path}", *RUN, "--config.model.n_layers=3")
+    lines = other_model.stderr.strip().splitlines()
+    assert other_model.returncode == 1 and len(lines) == 1, other_model.stderr
+    assert "was trained with another model (model.n_layers: 2 -> 3)" in lines[0]
 
 
 def test_a_corrupt_checkpoint_is_one_line_naming_the_one_before(full_run, tmp_path):
