@@ -254,7 +254,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         checkpoint.save(run_dir, int(state.step), state.params, meta, state.opt_state, t.max_to_keep)
         saved_step = int(state.step)
 
-    generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, SamplingSettings.from_config(config.sample))
+    # One sample of sample.prompt after each epoch; an empty prompt (the GPT-2 configs': chat) means none.
+    sample_prompt = config.sample.prompt if t.sample_every_epoch else ""
+    if t.sample_every_epoch and not sample_prompt:
+        print("No sample after each epoch: --config.sample.prompt is empty")
+    settings = dataclasses.replace(SamplingSettings.from_config(config.sample), num_samples=1)
+    generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, settings)
     start_time = mark_time = time.time()
     mark_tokens = tokens_seen
     def log_evaluation(metrics: dict, epoch_number: int) -> None:
@@ -314,10 +319,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                         break
             if batch_in_epoch >= steps_per_epoch:
                 with _InterruptsBetweenSteps():
-                    if t.sample_every_epoch:
+                    if sample_prompt:
                         generator.params = state.params
-                        (ids,), _ = generator.generate(encode(config.sample.prompt), jax.random.key(config.sample.seed))
-                        bar.write((config.sample.prompt + decode(ids)).replace("\n", " "))
+                        (ids,), _ = generator.generate(encode(sample_prompt), jax.random.key(config.sample.seed))
+                        bar.write((sample_prompt + decode(ids)).replace("\n", " "))
                         generator.params = None  # its copy of the weights is not needed until the next sample
                         mark_time, mark_tokens = time.time(), tokens_seen
                 epoch, batch_in_epoch = epoch + 1, 0

@@ -157,6 +157,22 @@ def test_read_only_weights_cache_under_checkpoint_dir_and_other_weights_reconver
     assert not (weights / "flax").exists() and not (other / "flax").exists()
 
 
+def test_the_converted_files_are_the_ones_the_cache_is_keyed_on(weights, tmp_path, tokens):
+    """A second Saver checkpoint in the folder (`checkpoint` then names model-2) changes neither what is
+    converted nor what is cached: both are OpenAI's model.ckpt, whose index the cache hashes."""
+    from tests.openai_checkpoint import tf
+
+    load_gpt2("124M", checkpoint_dir=str(tmp_path), weights_dir=str(weights))
+    other = {name: value + 1.0 for name, value in openai_variables().items()}
+    tf.compat.v1.train.Saver(var_list={n: tf.Variable(v) for n, v in other.items()}, save_relative_paths=True).save(
+        sess=None, save_path=str(weights / "model"), global_step=2)
+    assert 'model_checkpoint_path: "model-2"' in (weights / "checkpoint").read_text()
+    for _ in range(2):  # from the cache made before, then converted afresh
+        cfg, params = load_gpt2("124M", checkpoint_dir=str(tmp_path), weights_dir=str(weights))
+        assert_logits_match(weights, cfg, params, tokens)
+        shutil.rmtree(weights / "flax")
+
+
 def test_corrupt_cache_says_to_delete_it(weights, tmp_path):
     load_gpt2("124M", checkpoint_dir=str(tmp_path), weights_dir=str(weights))
     for path in (weights / "flax").rglob("*"):

@@ -8,10 +8,12 @@ import time
 
 import pytest
 
+from mygpt_jax.data import default_text_path, load_text
 from mygpt_jax.hardware import has_cudnn_attention
 from tests.utils import popen_cli, run_cli
 
-RUN = ["--config.train.num_epochs=2", "--config.train.eval_freq=5", "--config.train.checkpoint_every=10"]
+RUN = ["--config.train.num_epochs=2", "--config.train.eval_freq=5", "--config.train.checkpoint_every=10",
+       "--config.sample.num_samples=2"]  # the sample command's setting: training still prints one per epoch
 
 
 def read_metrics(run_dir):
@@ -70,6 +72,16 @@ def test_train_prints_losses_samples_and_writes_run_dir(full_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["updates"] == 72 and summary["num_params"] == 3_242_752
     assert steps(run_dir)[-1] == 72
+
+
+def test_an_empty_prompt_skips_the_epoch_samples(tmp_path):
+    text = tmp_path / "short.txt"  # 3 updates an epoch
+    text.write_text(load_text(default_text_path())[:2000])
+    result = run_cli("train", f"--config.checkpoint_dir={tmp_path}", f"--config.data.path={text}",
+                     "--config.train.num_epochs=2", "--config.sample.prompt=", "--config.train.flops_matmul_size=0")
+    assert result.returncode == 0, result.stderr
+    assert "No sample after each epoch: --config.sample.prompt is empty" in result.stdout
+    assert "Training finished" in result.stdout and steps(tmp_path / "tiny") == [6]
 
 
 def test_ctrl_c_saves_and_the_rerun_resumes_bit_identically(full_run, tmp_path):

@@ -86,7 +86,7 @@ def convert_checkpoint(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
-    prefix = tf.train.latest_checkpoint(str(folder)) or str(Path(folder) / "model.ckpt")
+    prefix = str(Path(folder) / "model.ckpt")  # OpenAI's name, whatever `checkpoint` says: the index load.py hashes
     try:
         found = dict(tf.train.list_variables(prefix))
         _check_names(prefix, found, expected)
