@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from mygpt_jax.errors import UserError
+from mygpt_jax.tokenizer import VOCAB_SIZE
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.batch_size = 2
     t.learning_rate = 4e-4
     t.weight_decay = 0.1
+    # Which parameters weight decay shrinks: "all" (the seed's torch AdamW over model.parameters()) or
+    # "matrices", the weights and embeddings but not biases and LayerNorm (GPT-2 and nanoGPT practice).
+    t.weight_decay_params = "all"
     t.beta1 = 0.9
     t.beta2 = 0.999
     t.eps = 1e-8
@@ -107,6 +111,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     m, t, s = c.model, c.train, c.sample
     for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
         require(m[key] > 0, f"model.{key}", "must be a positive integer")
+    require(m.vocab_size >= VOCAB_SIZE, "model.vocab_size",
+            f"the GPT-2 tokenizer's ids go up to {VOCAB_SIZE - 1}, so it must be at least {VOCAB_SIZE}")
     require(m.emb_dim % m.n_heads == 0, "model.emb_dim", f"must be divisible by model.n_heads={m.n_heads}")
     require(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
     require(m.init_scheme in ("gpt2", "pytorch"), "model.init_scheme", "use gpt2 or pytorch")
@@ -126,6 +132,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"must divide train.batch_size={t.batch_size}")
     require(t.learning_rate > 0, "train.learning_rate", "must be positive")
     require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(t.weight_decay_params in ("all", "matrices"), "train.weight_decay_params", "use all or matrices")
+    require(t.seed >= 0, "train.seed", "must be >= 0")
     require(0.0 <= t.beta1 < 1.0, "train.beta1", "must be in [0, 1)")
     require(0.0 <= t.beta2 < 1.0, "train.beta2", "must be in [0, 1)")
     require(t.eps > 0, "train.eps", "must be positive")

@@ -17,6 +17,7 @@ from mygpt_jax.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
+VOCAB_SIZE = END_OF_TEXT_ID + 1  # ids 0..50256; a model may have more rows (padding), never fewer
 # GPT-2's pre-tokenisation pattern (tiktoken's r50k/gpt2 pat_str).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SHA256 = {

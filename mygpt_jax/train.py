@@ -49,8 +49,20 @@ def create_optimizer(t: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
         lr = optax.warmup_cosine_decay_schedule(
             0.0, t.learning_rate, t.warmup_steps, max(total_steps, t.warmup_steps + 1),
             end_value=t.learning_rate * t.min_lr_ratio)
-    adamw = optax.adamw(lr, b1=t.beta1, b2=t.beta2, eps=t.eps, weight_decay=t.weight_decay)
+    adamw = optax.adamw(lr, b1=t.beta1, b2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
+                        mask=_matrices if t.weight_decay_params == "matrices" else None)
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+
+
+def _matrices(params: Any) -> Any:
+    """The weight-decay mask of train.weight_decay_params="matrices": weights and embeddings, not the 1-D
+    biases and LayerNorm parameters."""
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+@jax.jit
+def _all_finite(params: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree_util.tree_leaves(params)]))
 
 
 def loss_fn(model: GPT, params: Any, batch: jax.Array, rng: jax.Array | None) -> jax.Array:
@@ -150,9 +162,9 @@ class _InterruptsBetweenSteps:
     def _hold(self, signum: int, frame: Any) -> None:
         self.received = True
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         signal.signal(signal.SIGINT, self.previous)
-        if self.received:
+        if self.received and exc_type is None:  # an error leaving the block wins: it may forbid the save
             raise KeyboardInterrupt
 
 
@@ -243,11 +255,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
 
     saved_step = resume_step
 
+    def diverged(what: str) -> UserError:
+        kept = (f"the checkpoint of update {saved_step} is kept; it may have begun to diverge too: "
+                "--config.train.resume=False starts over" if saved_step else "nothing was saved")
+        return UserError(f"{what}: training diverged ({kept}); lower --config.train.learning_rate (now "
+                         f"{t.learning_rate:g}) or clip the gradients (--config.train.grad_clip=1.0)")
+
     def save() -> None:
-        """Checkpoint the current update, unless it is already saved (Ctrl-C right after a periodic save)."""
+        """Checkpoint the current update, unless it is already saved (Ctrl-C right after a periodic save) or
+        has diverged (a checkpoint is only ever a state to resume from)."""
         nonlocal saved_step
         if int(state.step) == saved_step:
             return
+        if not _all_finite(state.params):
+            raise diverged(f"the parameters are not finite at update {int(state.step)}")
         meta = {"step": int(state.step), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "tokens_seen": tokens_seen, "rng": np.asarray(jax.random.key_data(dropout_rng)).tolist(),
                 "config": config.to_dict()}
@@ -273,10 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         train_loss = evaluate(eval_step, state.params, splits.train, t.batch_size, t.eval_iter)
         val_loss = evaluate(eval_step, state.params, splits.val, t.batch_size, t.eval_iter)
         if not np.isfinite([batch_loss, train_loss, val_loss]).all():  # not saved: resuming keeps the last good state
-            kept = f"the checkpoint of update {saved_step} is kept" if saved_step else "nothing was saved"
-            raise UserError(f"the loss is {train_loss} at update {update}: training diverged ({kept}); lower "
-                            f"--config.train.learning_rate (now {t.learning_rate:g}) or clip the gradients "
-                            "(--config.train.grad_clip=1.0)")
+            raise diverged(f"the loss is {train_loss} at update {update}")
         record = {"update": update, "step": update - 1, "epoch": epoch_number, "tokens_seen": tokens_seen,
                   "train_loss": train_loss, "val_loss": val_loss, "batch_loss": batch_loss,
                   "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * flops_per_token / 1e12,

@@ -45,22 +45,27 @@ def test_negative_max_steps_names_max_steps(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, what", [
-    ("warmup_steps", -1, "must be >= 0 (0 = no warmup)"),
-    ("learning_rate", 0.0, "must be positive"),
-    ("weight_decay", -0.1, "must be >= 0"),
-    ("beta1", 1.0, "must be in [0, 1)"),
-    ("beta2", -0.5, "must be in [0, 1)"),
-    ("eps", 0.0, "must be positive"),
-    ("min_lr_ratio", 1.5, "must be in [0, 1]"),
-    ("grad_clip", -1.0, "must be >= 0 (0 = no clipping)"),
+    ("train.warmup_steps", -1, "must be >= 0 (0 = no warmup)"),
+    ("train.learning_rate", 0.0, "must be positive"),
+    ("train.weight_decay", -0.1, "must be >= 0"),
+    ("train.beta1", 1.0, "must be in [0, 1)"),
+    ("train.beta2", -0.5, "must be in [0, 1)"),
+    ("train.eps", 0.0, "must be positive"),
+    ("train.min_lr_ratio", 1.5, "must be in [0, 1]"),
+    ("train.grad_clip", -1.0, "must be >= 0 (0 = no clipping)"),
+    ("train.weight_decay_params", "biases", "use all or matrices"),
+    ("train.seed", -1, "must be >= 0"),  # numpy's epoch order would fail mid-run
+    # Smaller than the tokenizer's: its ids would index past the embedding, and the loss turn nan.
+    ("model.vocab_size", 50000, "the GPT-2 tokenizer's ids go up to 50256, so it must be at least 50257"),
 ])
-def test_each_optimizer_setting_is_checked_under_its_own_name(key, value, what):
+def test_each_setting_is_checked_under_its_own_name(key, value, what):
     config = get_config()
     validate(config)
-    config.train[key] = value
+    group, name = key.split(".")
+    config[group][name] = value
     with pytest.raises(UserError) as e:
         validate(config)
-    assert str(e.value) == f"--config.train.{key}={value!r} is invalid: {what}"
+    assert str(e.value) == f"--config.{key}={value!r} is invalid: {what}"
 
 
 @pytest.mark.parametrize("body, problem", [

@@ -165,6 +165,18 @@ def test_optimizer_schedule_and_clipping():
     assert isinstance(tx, optax.GradientTransformation)
 
 
+@pytest.mark.parametrize("decayed, shrunk", [("all", {"kernel", "bias", "scale"}), ("matrices", {"kernel"})])
+def test_weight_decay_shrinks_the_parameters_it_names(decayed, shrunk):
+    c = base_config().train
+    c.weight_decay_params = decayed
+    tx = train.create_optimizer(c, 100)
+    params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, "ln": {"scale": jnp.ones(3)}}
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)  # decay alone
+    for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        expected = -c.learning_rate * c.weight_decay if path[-1].key in shrunk else 0.0
+        np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=str(path))
+
+
 def test_dropout_drops_at_its_rate_and_keeps_the_mean():
     x = jnp.ones((200, 500))
 

@@ -9,7 +9,9 @@ import time
 import pytest
 
 from mygpt_jax.data import default_text_path, load_text
+from mygpt_jax.errors import UserError
 from mygpt_jax.hardware import has_cudnn_attention
+from mygpt_jax.train import _InterruptsBetweenSteps
 from tests.utils import popen_cli, run_cli
 
 RUN = ["--config.train.num_epochs=2", "--config.train.eval_freq=5", "--config.train.checkpoint_every=10",
@@ -110,6 +112,20 @@ def test_ctrl_c_saves_and_the_rerun_resumes_bit_identically(full_run, tmp_path):
     assert got == want  # exactly the same floats as the uninterrupted run
 
 
+def test_ctrl_c_held_during_a_step_gives_way_to_an_error_there():
+    """An error raised in a step's block (a diverged loss) must not become an interrupt, which saves."""
+    for error, expected in ((None, KeyboardInterrupt), (UserError("training diverged"), UserError)):
+        caught = None
+        try:
+            with _InterruptsBetweenSteps():
+                os.kill(os.getpid(), signal.SIGINT)  # held until the block ends
+                if error:
+                    raise error
+        except BaseException as e:  # a KeyboardInterrupt must not end the test session
+            caught = e
+        assert type(caught) is expected
+
+
 def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_summary(full_run):
     ckpt, _ = full_run
     summary = (ckpt / "tiny" / "summary.json").read_text()
@@ -149,12 +165,22 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_one_before(full_run, tmp_pa
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_no_broken_checkpoint(tmp_path):
-    result = run_cli("train", f"--config.checkpoint_dir={tmp_path}", "--config.train.learning_rate=1e6",
-                     "--config.train.max_steps=12", "--config.train.eval_freq=1")
+    run = [f"--config.checkpoint_dir={tmp_path}", "--config.train.learning_rate=1e3", "--config.train.max_steps=12",
+           "--config.train.checkpoint_every=1", "--config.train.flops_matmul_size=0"]
+    # Caught by a checkpoint (no evaluation until update 11): the non-finite state is not saved.
+    result = run_cli("train", *run, "--config.train.eval_freq=10")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert "training diverged (nothing was saved); lower --config.train.learning_rate (now 1e+06)" in lines[0]
-    assert steps(tmp_path / "tiny") == []
+    bad = int(lines[0].split("the parameters are not finite at update ")[1].split(":")[0])
+    assert f"training diverged (the checkpoint of update {bad - 1} is kept; " in lines[0]
+    assert "--config.train.resume=False starts over); lower --config.train.learning_rate (now 1000)" in lines[0]
+    assert steps(tmp_path / "tiny")[-1] == bad - 1
+    # Caught by an evaluation, resumed from that checkpoint: the loss is named and nothing more is saved.
+    result = run_cli("train", *run, "--config.train.eval_freq=1")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert f"the loss is nan at update {bad}: training diverged (the checkpoint of update {bad - 1} is kept" \
+           in lines[0] and steps(tmp_path / "tiny")[-1] == bad - 1
 
 
 def test_sample_completes_the_prompt_from_the_checkpoint(full_run):
