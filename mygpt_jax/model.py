@@ -206,13 +206,20 @@ class Dropout(nn.Module):
     """
 
     rate: float
+    counter_limit: int = 2 ** 32  # more elements than a uint32 counts: the leading index joins the hash
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
         s0, s1 = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-        bits = _fmix32(_fmix32(jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) ^ s0) + s1)
+        if x.size < self.counter_limit:
+            bits = _fmix32(_fmix32(jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) ^ s0) + s1)
+        else:  # element (i, j) of x as (shape[0], -1): the pairs are distinct where the flat counter would wrap
+            rows = x.shape[0]
+            i = jax.lax.broadcasted_iota(jnp.uint32, (rows, x.size // rows), 0)
+            j = jax.lax.broadcasted_iota(jnp.uint32, (rows, x.size // rows), 1)
+            bits = _fmix32(_fmix32(j ^ s0) + (s1 ^ _fmix32(i + s0))).reshape(x.shape)
         keep = bits >= jnp.uint32(min(round(self.rate * 2.0 ** 32), 2 ** 32 - 1))
         return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 

@@ -45,9 +45,9 @@ class TrainState:
 def create_optimizer(t: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """AdamW, with optional warmup + cosine decay and global-norm gradient clipping."""
     lr: optax.ScalarOrSchedule = t.learning_rate
-    if t.warmup_steps > 0:
+    if t.warmup_steps > 0:  # the first update at learning_rate / warmup_steps (at 0 it would change nothing)
         lr = optax.warmup_cosine_decay_schedule(
-            0.0, t.learning_rate, t.warmup_steps, max(total_steps, t.warmup_steps + 1),
+            t.learning_rate / t.warmup_steps, t.learning_rate, t.warmup_steps, max(total_steps, t.warmup_steps + 1),
             end_value=t.learning_rate * t.min_lr_ratio)
     adamw = optax.adamw(lr, b1=t.beta1, b2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
                         mask=_matrices if t.weight_decay_params == "matrices" else None)

@@ -162,6 +162,8 @@ def test_optimizer_schedule_and_clipping():
     state = tx.init(params)
     updates, _ = tx.update({"w": jnp.full(3, 1e6)}, state, params)
     assert jnp.all(jnp.isfinite(updates["w"]))
+    # The first update moves the weights (a warmup from 0 would waste it), at about learning_rate / warmup_steps.
+    np.testing.assert_allclose(updates["w"], -c.learning_rate / 10 * (1 + c.weight_decay), rtol=1e-3)
     assert isinstance(tx, optax.GradientTransformation)
 
 
@@ -177,17 +179,20 @@ def test_weight_decay_shrinks_the_parameters_it_names(decayed, shrunk):
         np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=str(path))
 
 
-def test_dropout_drops_at_its_rate_and_keeps_the_mean():
+# 2 ** 32: an element counter; 1000: the (row, column) hash that arrays of 2 ** 32 elements or more use
+@pytest.mark.parametrize("counter_limit", [2 ** 32, 1000])
+def test_dropout_drops_at_its_rate_and_keeps_the_mean(counter_limit):
     x = jnp.ones((200, 500))
 
     def drop(key):
-        return Dropout(0.1).apply({}, x, False, rngs={"dropout": key})
+        return Dropout(0.1, counter_limit).apply({}, x, False, rngs={"dropout": key})
 
     a, b, a_again = drop(jax.random.key(0)), drop(jax.random.key(1)), drop(jax.random.key(0))
     assert abs(float(jnp.mean(a == 0)) - 0.1) < 0.005
     np.testing.assert_allclose(np.unique(np.asarray(a)), [0.0, 1 / 0.9], rtol=1e-6)
     np.testing.assert_array_equal(a, a_again)  # reproducible from the key
     assert float(jnp.mean((a == 0) & (b == 0))) < 0.015  # independent masks: about 0.1 x 0.1
+    assert float(jnp.mean((a[:-1] == 0) & (a[1:] == 0))) < 0.015  # and rows: no counter wrapped around
     np.testing.assert_array_equal(Dropout(0.1).apply({}, x, True), x)
 
 
