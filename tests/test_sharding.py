@@ -23,8 +23,8 @@ from tests.utils import REPO, cli_env
 # hidden units, the attention heads, the fused q/k/v columns (in column ranges, not head by head: correct, with
 # more communication) and the vocabulary split. GPT-2's 50257 tokens do not divide evenly: sharding them needs a
 # padded vocabulary, as nanoGPT's 50304; the test's model has 512.
-MESHES = {"data": ((2, 1), []),
-          "tensor": ((1, 2), [["mlp", "model"], ["heads", "model"], ["qkv", "model"], ["vocab", "model"]])}
+MESHES = {"data": ((2, 1), ()),
+          "tensor": ((1, 2), (("mlp", "model"), ("heads", "model"), ("qkv", "model"), ("vocab", "model")))}
 
 
 def tiny_model() -> ModelConfig:
@@ -65,7 +65,7 @@ def sharded_steps() -> dict:
     out = {"devices": jax.device_count(), "single": ref_losses}
     for name, (shape, rules) in MESHES.items():
         mesh = Mesh(np.array(jax.devices()).reshape(shape), ("data", "model"))
-        shardings = nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, [tuple(r) for r in rules])
+        shardings = nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, rules)
         losses, new = two_steps(jax.device_put(params, shardings),
                                 jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))))
         kernel = new["h_0"]["mlp"]["c_fc"]["kernel"]
