@@ -238,6 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                             "or start fresh with --config.train.resume=False") from e
         state = TrainState(jnp.int32(meta["step"]), params, opt_state)
         epoch, batch_in_epoch, tokens_seen = meta["epoch"], meta["batch_in_epoch"], meta["tokens_seen"]
+        # The windows of this epoch already trained on, counted in batches of the batch size used now.
+        batch_in_epoch = batch_in_epoch * meta["config"]["train"]["batch_size"] // t.batch_size
         records = _truncate_metrics(metrics_path, meta["step"])
         print(f"Resuming {run_dir} from update {meta['step']} (epoch {epoch + 1}, batch {batch_in_epoch})")
         if changed:

@@ -76,14 +76,19 @@ def test_train_prints_losses_samples_and_writes_run_dir(full_run):
     assert steps(run_dir)[-1] == 72
 
 
-def test_an_empty_prompt_skips_the_epoch_samples(tmp_path):
-    text = tmp_path / "short.txt"  # 3 updates an epoch
+def test_a_resume_with_another_batch_size_and_no_prompt_goes_on_where_it_stopped(tmp_path):
+    text = tmp_path / "short.txt"  # 14 training windows: 3 whole batches of 4 an epoch, or 7 of 2
     text.write_text(load_text(default_text_path())[:2000])
-    result = run_cli("train", f"--config.checkpoint_dir={tmp_path}", f"--config.data.path={text}",
-                     "--config.train.num_epochs=2", "--config.sample.prompt=", "--config.train.flops_matmul_size=0")
-    assert result.returncode == 0, result.stderr
-    assert "No sample after each epoch: --config.sample.prompt is empty" in result.stdout
-    assert "Training finished" in result.stdout and steps(tmp_path / "tiny") == [6]
+    run = [f"--config.checkpoint_dir={tmp_path}", f"--config.data.path={text}", "--config.train.num_epochs=2",
+           "--config.sample.prompt=", "--config.train.flops_matmul_size=0"]
+    first = run_cli("train", *run, "--config.train.max_steps=1")
+    assert first.returncode == 0, first.stderr
+    # The 4 windows done are 2 batches of 2; the samples after each epoch are skipped, not fatal, without a prompt.
+    second = run_cli("train", *run, "--config.train.batch_size=2")
+    assert second.returncode == 0, second.stderr
+    assert f"Resuming {tmp_path}/tiny from update 1 (epoch 1, batch 2)" in second.stdout
+    assert "No sample after each epoch: --config.sample.prompt is empty" in second.stdout
+    assert "Training finished" in second.stdout and steps(tmp_path / "tiny")[-1] == 1 + 5 + 7
 
 
 def test_ctrl_c_saves_and_the_rerun_resumes_bit_identically(full_run, tmp_path):
