@@ -274,9 +274,8 @@ def finished_runs(runs: Sequence[Run]) -> dict[str, dict]:
     """The summaries of finished runs; a checkpoint made with other settings is an error before anything runs.
 
     A run is finished when its summary.json counts as many updates as its latest checkpoint holds (an
-    interrupted run has a checkpoint but no summary, or the summary of a shorter earlier run). A key the
-    checkpoint lacks (added to the config since) counts as the same setting if it has its default value; where
-    compiled programs are cached is no setting of a run.
+    interrupted run has a checkpoint but no summary, or the summary of a shorter earlier run). Settings are
+    compared as a resume compares them (`config.changed_settings`).
     """
     finished = {}
     for run in runs:
