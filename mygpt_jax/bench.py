@@ -2,6 +2,7 @@
 
     python -m mygpt_jax.bench --config configs/verdict.py
     python -m mygpt_jax.bench --config configs/verdict.py --config.model.dtype=bfloat16 --json
+    python -m mygpt_jax.bench --config configs/tiny.py --prepare        # the data instead: mygpt_jax/bench_data.py
 
 Measured in this order, on JAX's default device, each after a warm-up, with compile times kept apart:
 
@@ -45,7 +46,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from mygpt_jax import hardware, profiling, train
+from mygpt_jax import hardware, profiling, steps
 from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.hardware import jit_options
@@ -63,6 +64,12 @@ _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square mat
                                     lower_bound=1)
 _PROFILE = flags.DEFINE_bool("profile", False, "Also time one train step op by op (jax.profiler) and report where "
                               "its time goes.")
+_PREPARE = flags.DEFINE_bool("prepare", False, "Benchmark the data instead: corpus preparation, training from a "
+                             "memory map, start-up (mygpt_jax/bench_data.py).")
+_PREPARE_MB = flags.DEFINE_list("prepare_mb", ["20", "200"], "Sizes of the corpora --prepare generates (MB).")
+_DATA_STEPS = flags.DEFINE_integer("data_steps", 20, "Train steps per round of --prepare's data feeding comparison.",
+                                   lower_bound=1)
+_DATA_ROUNDS = flags.DEFINE_integer("data_rounds", 3, "Rounds of --prepare's data feeding comparison.", lower_bound=1)
 _COPY_MB = flags.DEFINE_integer("copy_mb", 256, "Size of the array read and copied for the memory bandwidths "
                                 "(MiB).", lower_bound=1)
 
@@ -85,16 +92,16 @@ def weight_bytes_per_token(cfg: ModelConfig, params: Any) -> int:
     return sum(p.nbytes for p in jax.tree_util.tree_leaves(params)) - tables
 
 
-def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int, profile: bool = False
+def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, n_steps: int, profile: bool = False
                 ) -> dict[str, Any]:
     """Tokens/s and FLOP/s of the jitted train step (train.py's), compile time apart; with `profile`, also
     {XLA op kind: (seconds, count)} of one more step (`profiling.op_seconds`)."""
     t = config.train
-    tx = train.create_optimizer(t, total_steps=steps + t.warmup_steps + 2)
-    step = train.jit_train_step(GPT(cfg), tx, t.grad_accum_steps)
+    tx = steps.create_optimizer(t, total_steps=n_steps + t.warmup_steps + 2)
+    step = steps.jit_train_step(GPT(cfg), tx, t.grad_accum_steps)
     params = init_params(cfg, jax.random.key(t.seed))
     num_params = count_params(params)
-    state = train.TrainState(jnp.int32(0), params, tx.init(params))
+    state = steps.TrainState(jnp.int32(0), params, tx.init(params))
     batch = jax.random.randint(jax.random.key(1), (t.batch_size, cfg.context_length + 1), 0, cfg.vocab_size)
     rng = jax.random.key(2)
 
@@ -105,18 +112,18 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, steps: int,
     jax.block_until_ready(metrics)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
-    for _ in range(steps):  # no host sync inside the loop, as in training
+    for _ in range(n_steps):  # no host sync inside the loop, as in training
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / steps
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+    step_s = (time.perf_counter() - start) / n_steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n_steps
     tokens_per_s = t.batch_size * cfg.context_length / step_s
     result = {"num_params": num_params, "train_compile_s": compile_s, "train_step_s": step_s,
               "train_page_faults_per_step": faults,
               "train_tokens_per_s": tokens_per_s, "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
     if profile:
         _progress("train step: compiling it to record its ops, then one profiled step")
-        profiled_step = train.jit_train_step(GPT(cfg), tx, t.grad_accum_steps, profile=True).lower(
+        profiled_step = steps.jit_train_step(GPT(cfg), tx, t.grad_accum_steps, profile=True).lower(
             state, batch, rng).compile()
         state, metrics = profiled_step(state, batch, rng)  # warm-up
         jax.block_until_ready(metrics)
@@ -250,6 +257,14 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main(config: ml_collections.ConfigDict) -> None:
+    if _PREPARE.value:
+        from mygpt_jax import bench_data
+        from mygpt_jax.cli import config_path
+
+        result = bench_data.run(config, config_path(), [int(mb) for mb in _PREPARE_MB.value], _DATA_STEPS.value,
+                                _DATA_ROUNDS.value)
+        print(json.dumps(result) if _JSON.value else bench_data.report(result))
+        return
     result = run_benchmark(config)
     print(json.dumps(result) if _JSON.value else report(result))
 

@@ -1,21 +1,30 @@
 """Orbax checkpoints: a training run's state, and parameter-only checkpoints.
 
 A run directory `checkpoints/<run_name>/` holds Orbax step folders `<step>/` with three items:
-`params`, `opt_state` (Orbax PyTrees) and `meta` (JSON: step, epoch, batch position, rng, config).
-Sampling and evaluation restore `params` alone. Saving is synchronous: the training step donates its
-buffers, so an asynchronous save could read memory the next step already reuses.
+`params`, `opt_state` (Orbax PyTrees) and `meta` (JSON: step, tokens seen, rng, config, and where the data
+source was: the corpus fingerprint and, for epochs, the epoch and windows done; checkpoints written before
+corpora existed hold the epoch and batch position instead). Sampling and evaluation restore `params` alone.
+Saving is synchronous: the training step donates its buffers, so an asynchronous save could read memory
+the next step already reuses. `RunLock` keeps a second training out of a run folder that one is using.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
 import functools
+import json
 import os
 import re
+import socket
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from mygpt_jax.errors import UserError
 
@@ -39,8 +48,41 @@ def save(run_dir: str, step: int, params: Any, meta: dict, opt_state: Any = None
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)
-    with _manager(run_dir, max_to_keep, create=True) as mngr:
-        mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    _quiet_closed_loop()
+    try:
+        with _manager(run_dir, max_to_keep, create=True) as mngr, _no_error_logs():
+            mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # Orbax and TensorStore raise many types; a full disk is one of them
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+        kept = latest_step(run_dir)
+        kept = f"the checkpoint of step {kept} is kept" if kept is not None else "no checkpoint was kept"
+        _remove_unfinished(run_dir)
+        if full:
+            raise UserError(f"the disk is full: checkpoint {step} could not be written to {run_dir} ({kept}); free "
+                            "some space and rerun the same command to resume") from e
+        raise UserError(f"checkpoint {step} could not be written to {run_dir} ({_reason(e)}; {kept}); rerun the "
+                        "same command to resume") from e
+
+
+@contextlib.contextmanager
+def _no_error_logs() -> Iterator[None]:
+    """Orbax logs the traceback of every write that failed (one per array and thread) before the save raises;
+    the one-line error made of that exception says it all."""
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+def _remove_unfinished(run_dir: str) -> None:
+    """Delete the temporary folders of saves that failed half-way (Orbax never takes them as checkpoints)."""
+    import shutil
+
+    for entry in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        if ".orbax-checkpoint-tmp" in entry:
+            shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
 
 
 def delete_all(run_dir: str) -> None:
@@ -111,3 +153,41 @@ def restore_params(run_dir: str, abstract_params: Any, step: int | None = None) 
 def restore_meta(run_dir: str, step: int | None = None) -> dict:
     """The JSON metadata of a checkpoint (its config, step, ...), without reading any array."""
     return _restore(run_dir, step, meta=ocp.args.JsonRestore())["meta"]
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a training writes to it: a second training of the same folder
+    stops at once with one line naming the first (host, pid, start time). The lock is an flock on
+    `<run_dir>/train.lock`, which the system lets go when its process ends however it ends, so a run that was
+    killed never leaves the folder locked."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "train.lock")
+        self.file = None
+
+    def __enter__(self) -> "RunLock":
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.file.seek(0)
+            holder = self.file.read().strip()
+            self.file.close()
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                who = json.loads(holder)
+                who = f"process {who['pid']} on {who['host']}, started {who['started']}"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise UserError(f"{os.path.dirname(self.path)} is being trained by {who}; wait for it to finish, stop "
+                            "it, or train into another --config.run_name") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                    "started": datetime.datetime.now().isoformat(timespec="seconds")}))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()  # releases the flock; the file stays, naming the last holder

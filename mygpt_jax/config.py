@@ -53,9 +53,23 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = "explicit"
 
     c.data = d = ml_collections.ConfigDict()
-    d.path = ""  # "" = the bundled "The Verdict"
+    # What to train on: "" = the bundled "The Verdict"; a text file; a folder (every data.glob file below it); a
+    # glob ("books/*.txt"); or a folder prepared before (train.bin, val.bin, meta.json). Tokenized once into
+    # <data.cache_dir>/<name>-<hash>/ (python -m mygpt_jax.prepare, or the first training).
+    d.path = ""
+    d.glob = "**/*.txt"  # the files of a folder, relative to it ("**/" recurses)
+    d.exclude = ""  # comma-separated patterns of relative paths to leave out ("*" matches across folders: "test/*")
+    # A single file's first train_ratio of characters trains and the rest validates; in a folder each file goes
+    # to one split by the hash of its path (adding a file never moves another).
     d.train_ratio = 0.9
-    d.stride = 0  # 0 = context_length (non-overlapping windows)
+    d.stride = 0  # epochs: windows start every stride tokens; 0 = context_length (non-overlapping windows)
+    # "epochs": shuffled windows, epoch after epoch (train.num_epochs); "random": windows at random offsets,
+    # drawn from (train.seed, step), for train.max_steps steps.
+    d.sampling = "epochs"
+    d.cache_dir = ""  # where prepared corpora go; "" = <checkpoint_dir>/data
+    d.workers = 0  # tokenizer threads when preparing; 0 = every core
+    # Resume a run although its corpus changed since the checkpoint (else that stops with one line).
+    d.allow_changes = False
 
     c.train = t = ml_collections.ConfigDict()
     t.num_epochs = 10
@@ -78,8 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.resume = True
     t.checkpoint_every = 50  # steps; a checkpoint is also written at the end and on Ctrl-C
     t.max_to_keep = 2
-    t.sample_every_epoch = True
-    t.max_steps = 0  # > 0 stops after this many steps (smoke tests, benchmarks)
+    t.sample_every_epoch = True  # data.sampling="epochs": a greedy sample of sample.prompt after each epoch
+    t.sample_every = 0  # > 0: a greedy sample of sample.prompt every this many steps
+    t.max_steps = 0  # > 0 stops after this many steps; data.sampling="random" trains exactly this many
+    t.tensorboard = False  # also write TensorBoard event files to <run>/tensorboard (the tensorboard extra)
     # The progress display and metrics.jsonl give achieved FLOP/s as a fraction of a GPU's peak, or on a CPU of
     # jnp.dot's rate on square matrices of this side, measured at start (about a second); 0 skips it.
     t.flops_matmul_size = 2048
@@ -94,10 +110,20 @@ def base_config() -> ml_collections.ConfigDict:
     s.seed = 123
 
     c.eval = e = ml_collections.ConfigDict()
-    e.text_file = ""
+    e.text_file = ""  # the text evaluate reads; "" = the bundled verdict
+    e.split = ""  # "train" or "val": evaluate that split of the config's corpus (data.path) instead
     e.json = False
     e.batch_size = 4
     return c
+
+
+# Folders of checkpoint_dir that are not runs: prepared corpora, OpenAI's weights, the sweeps.
+RESERVED_FOLDERS = ("data", "gpt2", "experiments")
+
+
+def run_folder(config: ml_collections.ConfigDict) -> str:
+    """Where a run lives: <checkpoint_dir>/<run_name>/."""
+    return os.path.join(config.checkpoint_dir, config.run_name)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -123,8 +149,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"(now {m.drop_rate}) or --config.model.attention=explicit")
     require(m.attention != "cudnn" or m.dtype != "float32", "model.attention",
             "cuDNN's fused attention runs in 16 bits; add --config.model.dtype=bfloat16")
-    require(0.0 < c.data.train_ratio < 1.0, "data.train_ratio", "must be between 0 and 1")
-    require(c.data.stride >= 0, "data.stride", "must be >= 0 (0 means context_length)")
+    d = c.data
+    require(0.0 < d.train_ratio < 1.0, "data.train_ratio", "must be between 0 and 1")
+    require(d.stride >= 0, "data.stride", "must be >= 0 (0 means context_length)")
+    require(d.sampling in ("epochs", "random"), "data.sampling", "use epochs or random")
+    require(d.sampling == "epochs" or t.max_steps > 0, "train.max_steps",
+            "data.sampling=random trains for train.max_steps steps: set it > 0")
+    require(d.workers >= 0, "data.workers", "must be >= 0 (0 = every core)")
+    require(bool(d.glob), "data.glob", "must be a pattern such as **/*.txt")
     for key in ("num_epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum_steps", "checkpoint_every",
                 "max_to_keep"):
         require(t[key] > 0, f"train.{key}", "must be a positive integer")
@@ -141,6 +173,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
     require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping)")
     require(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
+    require(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)")
     require(t.flops_matmul_size >= 0, "train.flops_matmul_size", "must be >= 0 (0 skips the measurement)")
     require(s.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
     require(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
@@ -148,7 +181,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(s.max_new_tokens > 0, "sample.max_new_tokens", "must be positive")
     require(s.num_samples > 0, "sample.num_samples", "must be positive")
     require(c.eval.batch_size > 0, "eval.batch_size", "must be positive")
+    require(c.eval.split in ("", "train", "val"), "eval.split", "use train, val or \"\" (eval.text_file)")
     require(bool(c.run_name) and "/" not in c.run_name, "run_name", "must be a non-empty name without '/'")
+    require(c.run_name not in RESERVED_FOLDERS, "run_name",
+            f"{', '.join(RESERVED_FOLDERS)} are folders of checkpoint_dir that hold other things; choose another name")
     require(c.compilation_cache_min_seconds >= 0, "compilation_cache_min_seconds", "must be >= 0")
 
 

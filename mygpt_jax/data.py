@@ -1,20 +1,23 @@
-"""Text -> 90/10 split by characters -> tokens -> windows of context_length + 1 -> batches.
+"""Token arrays -> windows of context_length + 1 tokens -> the batch of each training step.
 
-A window holds inputs `w[:-1]` and next-token targets `w[1:]`, as in the seed's GPTDatasetV1. Batches
-are plain NumPy arrays; the training order of each epoch is a permutation drawn from (seed, epoch), so a
-run resumed in the middle of an epoch sees exactly the batches the uninterrupted run would have seen.
+A window holds inputs `w[:-1]` and next-token targets `w[1:]`, as in the seed's GPTDatasetV1. Windows are
+offsets into a token array (a prepared corpus's memory map), gathered only when a batch needs them. The
+batch of a step is a function of the step and the seed, so a resumed run sees exactly the batches the
+uninterrupted run would have seen and a checkpoint holds the step, not an iterator:
+- `EpochBatches` (data.sampling="epochs"): non-overlapping windows (every `stride` tokens), shuffled anew
+  each epoch from (seed, epoch), epoch after epoch; the seed's way on "The Verdict".
+- `RandomBatches` (data.sampling="random"): windows at random offsets drawn from (seed, step), nanoGPT's way.
 """
 
 from __future__ import annotations
 
 import os
 from importlib import resources
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from mygpt_jax.errors import UserError
-from mygpt_jax.tokenizer import encode
 
 
 def default_text_path() -> str:
@@ -37,46 +40,88 @@ def load_text(path: str, key: str = "data.path") -> str:
                         f"convert it to UTF-8 or choose another --config.{key}") from e
 
 
-def make_windows(ids: list[int] | np.ndarray, context_length: int, stride: int) -> np.ndarray:
-    """All windows of context_length + 1 tokens, starting every `stride` tokens: (n, context_length + 1)."""
-    ids = np.asarray(ids, dtype=np.int32)
-    starts = np.arange(0, len(ids) - context_length, stride)
-    return ids[starts[:, None] + np.arange(context_length + 1)[None, :]]
+def window_starts(n_tokens: int, context_length: int, stride: int) -> np.ndarray:
+    """The offsets of every window of context_length + 1 tokens starting every `stride` tokens."""
+    return np.arange(0, max(n_tokens - context_length, 0), stride)
 
 
-class Splits(NamedTuple):
-    train: np.ndarray  # (n_train, context_length + 1) int32
-    val: np.ndarray
+def gather(tokens: np.ndarray, starts: np.ndarray, context_length: int) -> np.ndarray:
+    """The windows at `starts`: (len(starts), context_length + 1) int32."""
+    return np.stack([tokens[s:s + context_length + 1] for s in starts]).astype(np.int32)
 
 
-def load_splits(path: str, train_ratio: float, context_length: int, stride: int = 0) -> Splits:
-    """Split the text by characters, tokenize each part, cut both into windows."""
-    text = load_text(path)
-    cut = int(train_ratio * len(text))
-    windows = []
-    for name, part in (("training", text[:cut]), ("validation", text[cut:])):
-        ids = encode(part)
-        if len(ids) < context_length + 1:
-            raise UserError(
-                f"the {name} split of {path or default_text_path()} has {len(ids)} tokens, fewer than one "
-                f"window of context_length + 1 = {context_length + 1}; use a longer text, a smaller "
-                f"--config.model.context_length or another --config.data.train_ratio")
-        windows.append(make_windows(ids, context_length, stride or context_length))
-    return Splits(*windows)
+class Position(NamedTuple):
+    epoch: int  # counted from 0
+    windows_done: int  # windows of that epoch trained on before the step
 
 
-def num_batches(n_windows: int, batch_size: int, drop_last: bool) -> int:
-    return n_windows // batch_size if drop_last else -(-n_windows // batch_size)
+class EpochBatches:
+    """Shuffled non-overlapping windows, epoch after epoch, with the last incomplete batch of an epoch dropped.
+
+    The order of an epoch is a permutation drawn from (seed, epoch). `anchor` is where a resumed run's
+    checkpoint was (its step, epoch and windows done): training goes on after the windows its epoch has done,
+    even with another batch size. With the anchor at 0 (an uninterrupted run, or the same batch size) the
+    batch of a step depends on the step alone."""
+
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int, batch_size: int, seed: int,
+                 anchor: tuple[int, int, int] = (0, 0, 0)):
+        self.tokens, self.context_length, self.batch_size, self.seed = tokens, context_length, batch_size, seed
+        self.starts = window_starts(len(tokens), context_length, stride)
+        self.steps_per_epoch = len(self.starts) // batch_size
+        self.anchor_step, self.anchor_epoch, self.anchor_windows = anchor
+        self._order: tuple[int, np.ndarray] | None = None  # the epoch whose order was drawn last, and that order
+
+    def position(self, step: int) -> Position:
+        """Where step `step` (counted from 0) starts."""
+        after = step - self.anchor_step
+        left_in_anchor_epoch = (len(self.starts) - self.anchor_windows) // self.batch_size
+        if after < left_in_anchor_epoch:
+            return Position(self.anchor_epoch, self.anchor_windows + after * self.batch_size)
+        after -= left_in_anchor_epoch
+        return Position(self.anchor_epoch + 1 + after // self.steps_per_epoch,
+                        after % self.steps_per_epoch * self.batch_size)
+
+    def ends_epoch(self, step: int) -> bool:
+        """Whether step `step` trains on the last batch of its epoch."""
+        return self.position(step + 1).epoch > self.position(step).epoch
+
+    def steps_until_epoch(self, epochs: int) -> int:
+        """The number of steps after which `epochs` epochs are done."""
+        left_in_anchor_epoch = (len(self.starts) - self.anchor_windows) // self.batch_size
+        return self.anchor_step + left_in_anchor_epoch + (epochs - 1 - self.anchor_epoch) * self.steps_per_epoch
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, done = self.position(step)
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
+        return gather(self.tokens, self.starts[self._order[1][done:done + self.batch_size]], self.context_length)
 
 
-def epoch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled window order of one training epoch, reproducible from (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+class RandomBatches:
+    """Windows at offsets drawn uniformly from (seed, step): any window of the tokens, overlapping or not."""
+
+    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int):
+        self.tokens, self.context_length, self.batch_size, self.seed = tokens, context_length, batch_size, seed
+
+    def batch(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.tokens) - self.context_length, self.batch_size)
+        return gather(self.tokens, starts, self.context_length)
 
 
-def iterate_batches(windows: np.ndarray, batch_size: int, order: np.ndarray | None = None,
-                    drop_last: bool = False, start: int = 0) -> Iterator[np.ndarray]:
-    """Batches of windows in `order` (default: as stored), from batch index `start` on."""
-    order = np.arange(len(windows)) if order is None else order
-    for i in range(start, num_batches(len(windows), batch_size, drop_last)):
-        yield windows[order[i * batch_size:(i + 1) * batch_size]]
+def evaluation_windows(tokens: np.ndarray, context_length: int, stride: int, count: int, spread: bool
+                       ) -> np.ndarray:
+    """The offsets of the windows evaluated at every evaluation: the first `count` non-overlapping ones (the
+    seed's: the first batches of each split), or with `spread` `count` windows evenly spaced over the tokens
+    (a corpus: more of it than its first documents)."""
+    if spread:
+        last = len(tokens) - context_length - 1
+        return np.unique(np.linspace(0, last, count).astype(np.int64)) if last >= 0 else np.zeros(0, np.int64)
+    return window_starts(len(tokens), context_length, stride)[:count]
+
+
+def check_split(name: str, n_tokens: int, context_length: int, where: str) -> None:
+    if n_tokens < context_length + 1:
+        raise UserError(f"the {name} split of {where} has {n_tokens} tokens, fewer than one window of "
+                        f"context_length + 1 = {context_length + 1}; use more text, a smaller "
+                        "--config.model.context_length or another --config.data.train_ratio")

@@ -2,6 +2,7 @@
 
     python -m mygpt_jax.evaluate --config configs/gpt2_124m.py --config.eval.text_file=my.txt
     python -m mygpt_jax.evaluate --config configs/verdict.py --config.eval.json=True
+    python -m mygpt_jax.evaluate --config configs/pystdlib.py --config.eval.split=val   # a prepared corpus's split
 
 The text is cut into windows of the model's context (each token predicted once, from up to
 context_length tokens before it); the last, shorter window is padded and masked, so every token after
@@ -23,14 +24,15 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mygpt_jax import data, hardware
+from mygpt_jax import corpus, data, hardware, prepare
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, ModelConfig
 from mygpt_jax.tokenizer import encode
 from mygpt_jax.weights import load_model
 
 
-def padded_windows(ids: list[int], context_length: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def padded_windows(ids: list[int] | np.ndarray, context_length: int, batch_size: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """(windows (n, context_length + 1), mask (n, context_length)) covering every target once.
 
     n is a multiple of batch_size; padding windows and positions have mask 0.
@@ -47,7 +49,7 @@ def padded_windows(ids: list[int], context_length: int, batch_size: int) -> tupl
     return windows, mask
 
 
-def evaluate_ids(cfg: ModelConfig, params: Any, ids: list[int], batch_size: int,
+def evaluate_ids(cfg: ModelConfig, params: Any, ids: list[int] | np.ndarray, batch_size: int,
                  progress: bool = True) -> tuple[int, float]:
     """(number of predicted tokens, mean cross-entropy in nats)."""
     if len(ids) < 2:
@@ -69,10 +71,15 @@ def evaluate_ids(cfg: ModelConfig, params: Any, ids: list[int], batch_size: int,
 
 
 def main(config: ml_collections.ConfigDict) -> None:
-    path = config.eval.text_file or data.default_text_path()
-    text = data.load_text(path, key="eval.text_file")
+    if config.eval.split:  # a split of the config's corpus, prepared first if it is not yet
+        spec, status = corpus.check(config.data, config.checkpoint_dir)
+        prepared = prepare.ready_corpus(spec, status, config.data.workers)
+        path, ids = f"{prepared.folder} ({config.eval.split})", getattr(prepared, config.eval.split)
+    else:
+        path = config.eval.text_file or data.default_text_path()
+        ids = encode(data.load_text(path, key="eval.text_file"))
     cfg, params = load_model(config)
-    tokens, loss = evaluate_ids(cfg, params, encode(text), config.eval.batch_size)
+    tokens, loss = evaluate_ids(cfg, params, ids, config.eval.batch_size)
     perplexity = math.exp(loss)
     if config.eval.json:
         print(json.dumps({"tokens": tokens, "loss": loss, "perplexity": perplexity, "text_file": path}))

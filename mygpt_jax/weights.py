@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from typing import Any
@@ -12,12 +11,9 @@ import jax
 import ml_collections
 
 from mygpt_jax import checkpoint
+from mygpt_jax.config import run_folder
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig, init_params
-
-
-def run_dir(config: ml_collections.ConfigDict) -> str:
-    return os.path.join(config.checkpoint_dir, config.run_name)
 
 
 def _for_inference(cfg: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
@@ -34,7 +30,7 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
                                 weights_dir=config.weights_dir, base_urls=config.weights_urls.split(","))
         return _for_inference(cfg, config), params
 
-    directory = run_dir(config)
+    directory = run_folder(config)
     step = checkpoint.latest_step(directory)
     if step is None:
         from mygpt_jax.cli import config_path

@@ -103,10 +103,10 @@ def test_a_failing_variant_is_reported_and_the_others_complete(sweep, tmp_path):
     rows = {r["variant"]: r for r in read_csv(sweep_dir.parent / "fails")}
     assert rows["base"]["status"] == "ok" and float(rows["base"]["best_val_loss"]) > 0
     assert rows["nodata"]["status"] == "failed"
-    assert rows["nodata"]["error"].startswith("data file /no/such/file.txt does not exist")
+    assert rows["nodata"]["error"].startswith("data path /no/such/file.txt does not exist")
     table = (sweep_dir.parent / "fails" / "results.md").read_text()
-    assert "| nodata | /no/such/file.txt | 0/1 |" in table and "s1: data file /no/such/file.txt" in table
-    assert "[2/2] fails nodata-s1 ... FAILED: data file /no/such/file.txt does not exist" in result.stdout
+    assert "| nodata | /no/such/file.txt | 0/1 |" in table and "s1: data path /no/such/file.txt" in table
+    assert "[2/2] fails nodata-s1 ... FAILED: data path /no/such/file.txt does not exist" in result.stdout
     assert result.stderr.strip() == "error: 1 of 2 runs failed; their errors are in results.md and results.csv"
 
 

@@ -26,9 +26,9 @@ def test_a_missing_eval_text_file_names_eval_text_file():
                                    "--config.eval.text_file at a UTF-8 text file")
 
 
-def test_a_folder_as_data_path_is_called_a_folder(tmp_path):
+def test_a_folder_without_text_files_as_data_path_names_the_glob(tmp_path):
     result = run_cli("train", f"--config.data.path={tmp_path}", f"--config.checkpoint_dir={tmp_path}")
-    assert f"data file {tmp_path} is a folder, not a text file; point --config.data.path" in one_line(result, 1)
+    assert f"the folder {tmp_path} has no file matching --config.data.glob='**/*.txt'" in one_line(result, 1)
 
 
 def test_text_paths_expand_the_home_folder(tmp_path, monkeypatch):
@@ -96,7 +96,7 @@ def test_an_unwritable_compilation_cache_is_one_warning_and_off(tmp_path):
     assert result.returncode == 1 and len(lines) == 2, result.stderr
     assert lines[0] == (f"warning: cannot write the compilation cache folder {folder} (Not a directory); running "
                         "without it; set --config.compilation_cache_dir to a writable folder or \"\" to turn it off")
-    assert lines[1].startswith("error: data file /no/such/file.txt does not exist")
+    assert lines[1].startswith("error: data path /no/such/file.txt does not exist")
     before = jax.config.jax_compilation_cache_dir
     hardware.use_compilation_cache(str(folder), 0.0)
     assert jax.config.jax_compilation_cache_dir == before

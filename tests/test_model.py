@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mygpt_jax import train
+from mygpt_jax import steps
 from mygpt_jax.config import base_config
 from mygpt_jax.model import (GPT, Dropout, ModelConfig, count_params, decode_layout, init_cache, init_params, matmul,
                              matmul_flops_per_token)
@@ -68,7 +68,7 @@ def test_causality():
 def test_initial_loss_is_near_log_vocab():
     params = init_params(TINY, jax.random.key(0))
     batch = jax.random.randint(jax.random.key(2), (4, 17), 0, 50257)
-    loss = jax.jit(lambda p, b: train.loss_fn(GPT(TINY), p, b, None))(params, batch)
+    loss = jax.jit(lambda p, b: steps.loss_fn(GPT(TINY), p, b, None))(params, batch)
     assert abs(float(loss) - math.log(50257)) < 0.1
 
 
@@ -76,10 +76,10 @@ def test_tiny_model_overfits_one_batch():
     c = base_config()
     c.train.learning_rate = 1e-2
     model = GPT(SMALL_VOCAB)
-    tx = train.create_optimizer(c.train, 100)
+    tx = steps.create_optimizer(c.train, 100)
     params = init_params(SMALL_VOCAB, jax.random.key(0))
-    state = train.TrainState(jnp.int32(0), params, tx.init(params))
-    step = jax.jit(train.make_train_step(model, tx, 1))
+    state = steps.TrainState(jnp.int32(0), params, tx.init(params))
+    step = jax.jit(steps.make_train_step(model, tx, 1))
     batch = jax.random.randint(jax.random.key(3), (2, 17), 0, 512)
     losses = []
     for _ in range(80):
@@ -109,8 +109,8 @@ def test_gradient_accumulation_equals_the_full_batch():
     batch = jax.random.randint(jax.random.key(3), (4, 17), 0, 512)
     results = []
     for accum in (1, 2):
-        state = train.TrainState(jnp.int32(0), params, tx.init(params))
-        state, metrics = jax.jit(train.make_train_step(model, tx, accum))(state, batch, jax.random.key(0))
+        state = steps.TrainState(jnp.int32(0), params, tx.init(params))
+        state, metrics = jax.jit(steps.make_train_step(model, tx, accum))(state, batch, jax.random.key(0))
         results.append((state.params, metrics["loss"]))
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0], results[1][0])
@@ -132,11 +132,11 @@ def test_bfloat16_compute_keeps_float32_params_and_trains():
     cfg = dataclasses.replace(SMALL_VOCAB, dtype="bfloat16")
     c = base_config()
     c.train.learning_rate = 3e-3
-    tx = train.create_optimizer(c.train, 100)
+    tx = steps.create_optimizer(c.train, 100)
     params = init_params(cfg, jax.random.key(0))
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-    state = train.TrainState(jnp.int32(0), params, tx.init(params))
-    step = jax.jit(train.make_train_step(GPT(cfg), tx, 1))
+    state = steps.TrainState(jnp.int32(0), params, tx.init(params))
+    step = jax.jit(steps.make_train_step(GPT(cfg), tx, 1))
     batch = jax.random.randint(jax.random.key(3), (2, 17), 0, 512)
     first = last = None
     for _ in range(30):
@@ -157,7 +157,7 @@ def test_flop_count_matches_a_hand_count():
 def test_optimizer_schedule_and_clipping():
     c = base_config().train
     c.warmup_steps, c.grad_clip = 10, 1.0
-    tx = train.create_optimizer(c, 100)
+    tx = steps.create_optimizer(c, 100)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
     updates, _ = tx.update({"w": jnp.full(3, 1e6)}, state, params)
@@ -171,7 +171,7 @@ def test_optimizer_schedule_and_clipping():
 def test_weight_decay_shrinks_the_parameters_it_names(decayed, shrunk):
     c = base_config().train
     c.weight_decay_params = decayed
-    tx = train.create_optimizer(c, 100)
+    tx = steps.create_optimizer(c, 100)
     params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, "ln": {"scale": jnp.ones(3)}}
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)  # decay alone
     for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:

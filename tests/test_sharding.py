@@ -37,16 +37,16 @@ def sharded_steps() -> dict:
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from mygpt_jax import train
+    from mygpt_jax import steps
     from mygpt_jax.model import GPT
 
     cfg = tiny_model()
-    tx = train.create_optimizer(tiny.get_config().train, total_steps=2)
-    train_step = train.make_train_step(GPT(cfg), tx, grad_accum_steps=1)
+    tx = steps.create_optimizer(tiny.get_config().train, total_steps=2)
+    train_step = steps.make_train_step(GPT(cfg), tx, grad_accum_steps=1)
     params = init_params(cfg, jax.random.key(0))
     batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, cfg.context_length + 1), dtype=np.int32)
     # Made under jit, the optimizer state lies where the parameters lie.
-    new_state = jax.jit(lambda params: train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))
+    new_state = jax.jit(lambda params: steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))
 
     def two_steps(params, batch):
         state = new_state(params)

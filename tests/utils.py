@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -28,3 +33,34 @@ def popen_cli(module: str, *args: str, config: str = TINY) -> subprocess.Popen:
     cmd = [sys.executable, "-m", f"mygpt_jax.{module}", "--config", config, *args]
     return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    return sorted(int(d) for d in os.listdir(run_dir) if d.isdigit())
+
+
+WORDS = ("the", "a", "verdict", "Gisburn", "picture", "café", "naïve", "1908", "x=1;", "(", ")", "def", "—", "日本")
+
+
+def words(rng: random.Random, n: int) -> str:
+    """Text of `n` words with spaces, tabs, blank lines and indentation between them."""
+    gaps = (" ", " ", " ", "  ", "\n", "\n\n", "\n    ", " \n", "\t", ".\n")
+    return "".join(rng.choice(WORDS) + rng.choice(gaps) for _ in range(n))
+
+
+def in_small_filesystem(megabytes: int, folder, command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` with a tmpfs of `megabytes` mounted on `folder`: a real full disk, in a user and mount
+    namespace (no root needed); skipped where the system allows no user namespaces."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    if probe.returncode:
+        pytest.skip("this kernel does not allow user namespaces: no way to mount a small filesystem")
+    script = f'mount -t tmpfs -o size={megabytes}m tmpfs "{folder}" && exec "$@"'
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", *command],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)

@@ -1,0 +1,250 @@
+"""Prepared corpora: where a corpus's token files live, what their meta.json says, whether they are stale.
+
+A corpus is `data.path`: one text file, a folder (every `data.glob` file below it, minus `data.exclude`), a
+glob, or an already prepared folder. `python -m mygpt_jax.prepare` (or `train`, on first use) tokenizes it
+into `<data.cache_dir or checkpoint_dir/data>/<name>-<hash>/`:
+
+    train.bin, val.bin   GPT-2 token ids as uint16, read through memory maps
+    meta.json            the sources (path, size, mtime, sha256, split, tokens), the tokenizer, the split rule,
+                         token and document counts, the token files' sha256 and the corpus fingerprint
+
+The folder's name hashes what decides its content (the resolved path, glob, exclude, train ratio), so two
+corpora never share one. `check` compares every source's (path, size, mtime) with meta.json at each start
+and hashes only the files whose size or mtime moved, so start-up stays fast on a large corpus; a changed,
+added or removed file makes the folder stale. The writing side is `mygpt_jax.prepare`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import glob as globlib
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from mygpt_jax.data import default_text_path
+from mygpt_jax.errors import UserError
+from mygpt_jax.tokenizer import SHA256 as TOKENIZER_FILES
+
+FORMAT_VERSION = 1
+TOKENIZER = {"name": "gpt2", "encode": "encode_ordinary", **TOKENIZER_FILES}
+META = "meta.json"
+SPLITS = ("train", "val")
+TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit
+HASH_BLOCK = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What to prepare, from the config's `data` section: the decisions that shape the token files."""
+
+    path: str  # absolute: a file, a folder or a glob pattern
+    kind: str  # "file", "folder" or "glob"
+    glob: str  # the files of a folder, relative to it
+    exclude: tuple[str, ...]  # fnmatch patterns of relative paths left out
+    train_ratio: float
+
+    @property
+    def root(self) -> str:
+        """The folder that source paths are relative to."""
+        if self.kind == "folder":
+            return self.path
+        if self.kind == "file":
+            return os.path.dirname(self.path)
+        return _glob_root(self.path)
+
+    def key(self) -> str:
+        """A short hash of everything that decides the token files' content (not the format: a folder
+        written by another version of the project is found, and reported stale)."""
+        text = json.dumps([self.path, self.kind, self.glob, list(self.exclude), self.train_ratio])
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    def name(self) -> str:
+        base = os.path.basename(self.root if self.kind == "glob" else self.path.rstrip(os.sep))
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(base)[0] if self.kind == "file" else base)
+        return f"{base or 'corpus'}-{self.key()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    rel: str  # path relative to Spec.root
+    size: int
+    mtime_ns: int
+
+
+def _glob_root(pattern: str) -> str:
+    """The longest leading folder of a glob pattern without wildcards."""
+    parts = pattern.split(os.sep)
+    fixed = []
+    for part in parts[:-1]:
+        if globlib.has_magic(part):
+            break
+        fixed.append(part)
+    return os.sep.join(fixed) or os.sep
+
+
+def is_prepared_folder(path: str) -> bool:
+    return os.path.isdir(path) and all(os.path.isfile(os.path.join(path, f)) for f in (META, "train.bin", "val.bin"))
+
+
+def spec_from_config(data: Any) -> Spec:
+    """The Spec of the config's `data` section; a path that names nothing is a UserError."""
+    path = os.path.abspath(os.path.expanduser(data.path)) if data.path else default_text_path()
+    exclude = tuple(p.strip() for p in data.exclude.split(",") if p.strip())
+    if globlib.has_magic(data.path):
+        kind = "glob"
+    elif os.path.isdir(path):
+        kind = "folder"
+    elif os.path.isfile(path):
+        kind = "file"
+    else:
+        raise UserError(f"data path {path} does not exist; point --config.data.path at a text file, a folder of "
+                        "text files, a glob or a prepared folder")
+    return Spec(path, kind, data.glob, exclude, float(data.train_ratio))
+
+
+def find_sources(spec: Spec) -> list[Source]:
+    """Every file of the corpus, sorted by relative path; no file at all is a UserError."""
+    if spec.kind == "file":
+        paths = [spec.path]
+    elif spec.kind == "folder":
+        paths = globlib.glob(os.path.join(globlib.escape(spec.path), spec.glob), recursive=True)
+    else:
+        paths = globlib.glob(spec.path, recursive=True)
+    root = spec.root
+    sources = []
+    for path in paths:
+        rel = os.path.relpath(path, root)
+        if not os.path.isfile(path) or any(fnmatch.fnmatchcase(rel, pattern) for pattern in spec.exclude):
+            continue
+        stat = os.stat(path)
+        sources.append(Source(rel, stat.st_size, stat.st_mtime_ns))
+    if not sources:
+        what = (f"the glob {spec.path}" if spec.kind == "glob" else
+                f"the folder {spec.path} has no file matching --config.data.glob={spec.glob!r}")
+        left_out = f" once --config.data.exclude={','.join(spec.exclude)!r} is applied" if spec.exclude else ""
+        raise UserError(f"{what} matches no file{left_out}; check --config.data.path, data.glob and data.exclude"
+                        if spec.kind == "glob" else f"{what}{left_out}; check --config.data.glob and data.exclude")
+    return sorted(sources, key=lambda s: s.rel)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_meta(folder: str) -> dict | None:
+    """The folder's meta.json, or None if it has none (missing, or a preparation that never finished)."""
+    try:
+        with open(os.path.join(folder, META)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{os.path.join(folder, META)} cannot be read ({e}); delete {folder} to prepare it "
+                        "again") from e
+
+
+def incompatibility(meta: dict) -> str | None:
+    """Why this project cannot read a prepared folder with this meta (another format or tokenizer), or None."""
+    if meta.get("format") != FORMAT_VERSION:
+        return f"it was prepared in format {meta.get('format')!r}, and this version reads format {FORMAT_VERSION}"
+    if meta.get("tokenizer") != TOKENIZER:
+        return f"it was prepared with another tokenizer ({meta.get('tokenizer')})"
+    return None
+
+
+def changes(spec: Spec, meta: dict) -> list[str]:
+    """What differs between the corpus's files now and those `meta` was prepared from ([] = nothing):
+    (path, size, mtime) compared for every file, the content hashed only where size or mtime moved."""
+    recorded = {rel: (size, mtime, sha) for rel, size, mtime, sha in
+                zip(*(meta["files"][k] for k in ("path", "size", "mtime_ns", "sha256")))}
+    now = {s.rel: s for s in find_sources(spec)}
+    found = [f"{rel} added" for rel in sorted(now.keys() - recorded.keys())]
+    found += [f"{rel} removed" for rel in sorted(recorded.keys() - now.keys())]
+    for rel in sorted(now.keys() & recorded.keys()):
+        size, mtime, sha = recorded[rel]
+        source = now[rel]
+        if (source.size, source.mtime_ns) != (size, mtime) and (
+                source.size != size or file_sha256(os.path.join(spec.root, rel)) != sha):
+            found.append(f"{rel} changed")
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    folder: str
+    meta: dict | None  # None: nothing prepared there yet
+    stale: list[str]  # why the folder no longer matches its sources ([] = it does)
+
+    @property
+    def ready(self) -> bool:
+        return self.meta is not None and not self.stale
+
+    @property
+    def fingerprint(self) -> str | None:
+        return None if self.meta is None else self.meta["fingerprint"]
+
+
+def cache_folder(spec: Spec, data: Any, checkpoint_dir: str) -> str:
+    return os.path.join(os.path.expanduser(data.cache_dir) or os.path.join(checkpoint_dir, "data"), spec.name())
+
+
+def check(data: Any, checkpoint_dir: str) -> tuple[Spec | None, Status]:
+    """(spec, status) of the config's corpus. A prepared folder given as data.path is used as it is (its
+    sources need not exist here), so its spec is None; one this version cannot read is a UserError."""
+    path = os.path.expanduser(data.path)
+    if data.path and is_prepared_folder(path):
+        meta = read_meta(path)
+        problem = incompatibility(meta)
+        if problem:
+            raise UserError(f"cannot train on the prepared folder {path}: {problem}; prepare its sources again with "
+                            "python -m mygpt_jax.prepare")
+        return None, Status(path, meta, [])
+    spec = spec_from_config(data)
+    folder = cache_folder(spec, data, checkpoint_dir)
+    meta = read_meta(folder)
+    if meta is None:
+        return spec, Status(folder, None, [])
+    problem = incompatibility(meta)
+    return spec, Status(folder, meta, [problem] if problem else changes(spec, meta))
+
+
+def describe(reasons: list[str], limit: int = 3) -> str:
+    more = f" and {len(reasons) - limit} more" if len(reasons) > limit else ""
+    return ", ".join(reasons[:limit]) + more
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A prepared corpus opened for reading: both splits as memory-mapped token arrays."""
+
+    folder: str
+    meta: dict
+    train: np.ndarray
+    val: np.ndarray
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+
+def open_corpus(folder: str, meta: dict) -> Corpus:
+    splits = []
+    for split in SPLITS:
+        path = os.path.join(folder, f"{split}.bin")
+        expected = meta[split]["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
+        if os.path.getsize(path) != expected:
+            raise UserError(f"{path} has {os.path.getsize(path)} bytes where {META} says {expected}; delete "
+                            f"{folder} to prepare it again")
+        # An empty split cannot be memory-mapped; the caller says it is too small for a window.
+        splits.append(np.memmap(path, TOKEN_DTYPE, "r") if expected else np.zeros(0, TOKEN_DTYPE))
+    return Corpus(folder, meta, *splits)
