@@ -73,7 +73,10 @@ def encode_chunk(data: bytes) -> np.ndarray:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadFile("not UTF-8", e.start) from None
-    return np.asarray(get_tokenizer().encode_ordinary(text), dtype=TOKEN_DTYPE)
+    # encode_ordinary's tokens, as an array: with no special token allowed and none disallowed, a literal
+    # "<|endoftext|>" is ordinary text, and no Python int is made per token (a list holds the GIL to build).
+    ids = get_tokenizer().encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    return ids.astype(TOKEN_DTYPE)
 
 
 @dataclasses.dataclass

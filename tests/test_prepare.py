@@ -104,7 +104,7 @@ def test_one_and_three_workers_write_the_same_bytes(books, tmp_path, monkeypatch
 
 def test_a_single_file_splits_its_characters_as_the_seed_did(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "CHUNK_BYTES", 1024)
-    text = words(random.Random(2), 20_000)
+    text = words(random.Random(2), 20_000) + " <|endoftext|> is ordinary text here"
     path = tmp_path / "one.txt"
     path.write_text(text)
     spec, status = corpus.check(data_config(path, tmp_path), "unused")
