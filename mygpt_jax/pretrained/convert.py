@@ -31,17 +31,23 @@ _LEAF_NAMES = {"kernel": "w", "bias": "b", "scale": "g"}  # Flax leaf -> OpenAI 
 _MAX_NAMED = 3  # names in one error message
 
 
+def read_json_object(path: Path, holds: str) -> dict[str, Any]:
+    """The JSON object in `path`, else a UserError (`holds`: what the folder must hold, for a missing file)."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the folder must hold {holds}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} could not be read ({e}); delete it so that it is downloaded again") from e
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object; delete it so that it is downloaded again")
+    return value
+
+
 def read_hparams(folder: str | os.PathLike) -> dict[str, int]:
     """The architecture in `folder/hparams.json`: n_vocab, n_ctx, n_embd, n_head, n_layer."""
     path = Path(folder) / "hparams.json"
-    try:
-        hparams = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; the folder must hold OpenAI's GPT-2 files") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} could not be read ({e}); delete it so that it is downloaded again") from e
-    if not isinstance(hparams, dict):
-        raise UserError(f"{path} is not a JSON object; delete it so that it is downloaded again")
+    hparams = read_json_object(path, "OpenAI's GPT-2 files")
     bad = [k for k in HPARAMS_KEYS if not (type(hparams.get(k)) is int and hparams[k] > 0)]
     if bad:
         raise UserError(f"{path} lacks positive integers for {', '.join(bad)}; "

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import LN_EPS, ModelConfig
-from mygpt_jax.pretrained.convert import check_names, model_config_from_hparams, parameter_shapes
+from mygpt_jax.pretrained.convert import check_names, model_config_from_hparams, parameter_shapes, read_json_object
 from mygpt_jax.tokenizer import END_OF_TEXT_ID
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -67,14 +67,7 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
     """The architecture in `folder/config.json` (missing keys take GPT2Config's defaults, as in transformers); a
     setting this model cannot express is a UserError naming it."""
     path = Path(folder) / CONFIG_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; a Hugging Face model folder holds {CONFIG_FILE} and {WEIGHTS_FILE}") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} could not be read ({e}); delete it so that it is downloaded again") from e
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} is not a JSON object; delete it so that it is downloaded again")
+    raw = read_json_object(path, f"a Hugging Face model: {CONFIG_FILE} and {WEIGHTS_FILE}")
     if raw.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{path}: model_type={raw['model_type']!r}; only GPT-2 models (model_type 'gpt2') load")
     hub = GPT2_DEFAULTS | raw
