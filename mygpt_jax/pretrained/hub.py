@@ -107,16 +107,17 @@ def load_folder(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]
             try:
                 opened = stack.enter_context(safe_open(file, framework="np"))
             except (OSError, SafetensorError) as e:
-                raise UserError(f"{file} could not be read ({e}); delete it to download it again, or replace it") from e
+                raise _unreadable(file, e) from e
             handles |= {name: (opened, file) for name in opened.keys()}
         names = _canonical_names(handles, where)
         cfg = _head(cfg, names, lambda name: handles[names[name]][0].get_tensor(names[name]), where)
+        layout = tensor_layout(cfg)
         prefix = PREFIX if any(name.startswith(PREFIX) for name in handles) else ""
-        shown = {c: names.get(c, c if c == HEAD else prefix + c) for c in [*names, *tensor_layout(cfg)]}
-        check_names([shown[c] for c in names], [shown[c] for c in tensor_layout(cfg)], "tensor", where,
+        shown = {c: names.get(c, c if c == HEAD else prefix + c) for c in [*names, *layout]}  # as the file has it
+        check_names([shown[c] for c in names], [shown[c] for c in layout], "tensor", where,
                     f"is it a GPT-2 and does {CONFIG_FILE} match it?")
         flat = {}
-        for canonical, (path, shape) in tensor_layout(cfg).items():
+        for canonical, (path, shape) in layout.items():
             opened, file = handles[names[canonical]]
             flat[path] = _read(opened, names[canonical], shape, file)
             if canonical == HEAD:
@@ -228,4 +229,11 @@ def _read(opened: Any, name: str, shape: tuple[int, ...], file: Path) -> np.ndar
                         f"(does {CONFIG_FILE} match the weights?)")
     if not dtype.startswith(("F", "BF")):
         raise UserError(f"tensor {name} in {file} has dtype {dtype}; weights must be floating point")
-    return np.asarray(opened.get_tensor(name), np.float32)
+    try:
+        return np.asarray(opened.get_tensor(name), np.float32)
+    except (OSError, SafetensorError) as e:
+        raise _unreadable(file, e) from e
+
+
+def _unreadable(file: Path, error: Exception) -> UserError:
+    return UserError(f"{file} could not be read ({error}); delete it to download it again, or replace it")

@@ -82,8 +82,9 @@ def load_gpt2(size: str, *, checkpoint_dir: str = "checkpoints", weights_dir: st
     else:
         repo, pinned = HUB_MODELS[size]
         revision = hub_revision or pinned
-        folder, layout = _find(size, home, sources, repo, revision) or _download(
-            size, home, sources, base_urls, (repo, revision, hub_url), progress)
+        hub_model = (repo, revision, home / "hub" / revision)  # the Hub's repository, revision and our folder
+        folder, layout = _find(sources, home, hub_model) or _download(
+            size, sources, home, base_urls, hub_model, hub_url, progress)
     if layout == "hub":
         cfg, params = hub.load_folder(folder)
         print(f"loaded GPT-2 {size} from {folder} (safetensors, {cfg.n_layers} layers of {cfg.emb_dim}, "
@@ -104,12 +105,13 @@ def _layout(folder: Path) -> str:
     return "openai"
 
 
-def _find(size: str, home: Path, sources: Sequence[str], repo: str, revision: str) -> tuple[Path, str] | None:
-    """(folder, layout) of the first of `sources` whose files are already on disk: the Hub's in our folder or
-    the Hugging Face cache at `revision`, OpenAI's in `home`."""
+def _find(sources: Sequence[str], home: Path, hub_model: tuple[str, str, Path]) -> tuple[Path, str] | None:
+    """(folder, layout) of the first of `sources` whose files are already on disk: the Hub's (repo, revision,
+    folder) in that folder or in the Hugging Face cache, OpenAI's in `home`."""
+    repo, revision, hub_dir = hub_model
     for source in sources:
         if source == "hub":
-            for folder in (home / "hub" / revision, hf_cache_snapshot(repo, revision)):
+            for folder in (hub_dir, hf_cache_snapshot(repo, revision)):
                 if folder and is_complete(folder, HUB_FILES):
                     return folder, "hub"
         elif is_complete(home):
@@ -117,16 +119,15 @@ def _find(size: str, home: Path, sources: Sequence[str], repo: str, revision: st
     return None
 
 
-def _download(size: str, home: Path, sources: Sequence[str], base_urls: Sequence[str],
-              hub_at: tuple[str, str, str], progress: bool) -> tuple[Path, str]:
+def _download(size: str, sources: Sequence[str], home: Path, base_urls: Sequence[str],
+              hub_model: tuple[str, str, Path], hub_url: str, progress: bool) -> tuple[Path, str]:
     """(folder, layout) of the first of `sources` that downloads GPT-2 `size`; if none does, a UserError
     with each source's reason."""
     failures = []
     for source in sources:
         try:
             if source == "hub":
-                repo, revision, hub_url = hub_at
-                return download_hub(repo, revision, home / "hub" / revision, hub_url, progress=progress), "hub"
+                return download_hub(*hub_model, hub_url, progress=progress), "hub"
             return download_gpt2(size, home, base_urls, progress=progress), "openai"
         except UserError as e:
             failures.append(f"{source}: {e}" if len(sources) > 1 else str(e))
