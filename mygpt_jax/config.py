@@ -164,7 +164,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(bool(c.run_name) and "/" not in c.run_name, "run_name", "must be a non-empty name without '/'")
     require(c.compilation_cache_min_seconds >= 0, "compilation_cache_min_seconds", "must be >= 0")
     sources = c.weights_sources.split(",")
-    require(bool(sources) and set(sources) <= {"hub", "openai"} and len(set(sources)) == len(sources),
+    require(set(sources) <= {"hub", "openai"} and len(set(sources)) == len(sources),
             "weights_sources", "use hub and/or openai, comma-separated, each once")
 
 
