@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mygpt_jax.pretrained.download import FILENAMES
+from mygpt_jax.pretrained.download import FILENAMES, HUB_MODELS
 
 DROPPED = "model.ckpt.data-00000-of-00001"  # the file that mode "drop" cuts short
 
@@ -48,6 +48,14 @@ def no_hugging_face_settings(monkeypatch):
 def openai_routes(size: str = "124M") -> dict[str, str]:
     """OpenAI's layout: /models/<size>/<file>."""
     return {f"/models/{size}/{name}": name for name in FILENAMES}
+
+
+def hub_layout(repo: str = HUB_MODELS["124M"][0], revision: str = HUB_MODELS["124M"][1]) -> dict:
+    """Server arguments for the Hub's URLs: config.json answered at /<repo>/resolve/<revision>/, model.safetensors
+    redirected (302) from there to a CDN path, as huggingface.co answers a file stored in LFS."""
+    resolve = f"/{repo}/resolve/{revision}"
+    return {"routes": {f"{resolve}/config.json": "config.json", "/cdn/model.safetensors": "model.safetensors"},
+            "redirects": {f"{resolve}/model.safetensors": "/cdn/model.safetensors"}, "dropped": "model.safetensors"}
 
 
 class Server:

@@ -23,8 +23,8 @@ from mygpt_jax.pretrained import hub
 from mygpt_jax.pretrained.download import HUB_MODELS
 from mygpt_jax.pretrained.load import load_gpt2
 from mygpt_jax.weights import load_model
+from tests.conftest import hub_layout
 from tests.numpy_gpt2 import hub_tensors, hub_weights, logits, write_hub_folder
-from tests.test_hub import hub_layout
 from tests.utils import REPO, run_cli
 
 GPT2 = f"{REPO}/configs/gpt2_124m.py"

@@ -16,6 +16,7 @@ from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT
 from mygpt_jax.pretrained.download import HUB_FILES, HUB_MODELS
 from mygpt_jax.pretrained.load import load_gpt2
+from tests.conftest import hub_layout
 from tests.numpy_gpt2 import hub_tensors, hub_weights, logits, write_hub_folder
 
 ARCH = {"vocab_size": 200, "n_positions": 32, "n_embd": 32, "n_head": 4, "n_layer": 2}
@@ -152,14 +153,6 @@ def test_folder_of_neither_layout_says_what_both_need(tmp_path):
 
 
 # The Hub as a download source.
-
-def hub_layout(repo: str = REPO, revision: str = REVISION) -> dict:
-    """The Hub's URLs: config.json answered at /<repo>/resolve/<revision>/, model.safetensors redirected (302) from
-    there to a CDN path, as huggingface.co answers a file stored in LFS."""
-    resolve = f"/{repo}/resolve/{revision}"
-    return {"routes": {f"{resolve}/config.json": "config.json", "/cdn/model.safetensors": "model.safetensors"},
-            "redirects": {f"{resolve}/model.safetensors": "/cdn/model.safetensors"}, "dropped": "model.safetensors"}
-
 
 @pytest.fixture(scope="module")
 def served_tensors() -> dict:
