@@ -21,13 +21,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_dir = "checkpoints"
     # Start training from pretrained weights ("gpt2_124m", ...) instead of a random init; "" = random.
     c.init_from = ""
-    # A folder that already holds OpenAI's GPT-2 files (offline users); "" = download into checkpoint_dir.
+    # A folder that already holds GPT-2's weights, OpenAI's 7 files or a Hugging Face model (config.json +
+    # model.safetensors; any GPT-2 shape); "" = find or download them into checkpoint_dir.
     c.weights_dir = ""
-    # The OpenAI checkpoint this config samples from ("124M", ...; "" = a training run's own checkpoint).
+    # The GPT-2 this config samples from ("124M", ...; "" = a training run's own checkpoint).
     c.pretrained = ""
+    # Where GPT-2's weights come from, tried in order (comma-separated): "hub", the Hugging Face Hub's
+    # safetensors (hub_url, hub_revision), and "openai", OpenAI's TensorFlow files (weights_urls). A copy
+    # already on disk (in checkpoint_dir, or the Hugging Face cache) is used first, in the same order.
+    c.weights_sources = "hub,openai"
     # Where OpenAI's files are downloaded from, tried in order (comma-separated base URLs).
     c.weights_urls = ("https://openaipublic.blob.core.windows.net/gpt-2/models,"
                       "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
+    # The Hugging Face Hub or a mirror of it; "" = $HF_ENDPOINT (as huggingface_hub reads it), else huggingface.co.
+    c.hub_url = ""
+    # The commit of openai-community/gpt2* to download; "" = the one pinned in mygpt_jax/pretrained/download.py.
+    c.hub_revision = ""
     # Compiled XLA programs kept between commands (jax's persistent compilation cache), so that running a
     # command again loads its train step or decoding loop instead of compiling it; "" = off. Programs that
     # compiled faster than compilation_cache_min_seconds are not kept.
@@ -114,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
     e.split = ""  # "train" or "val": evaluate that split of the config's corpus (data.path) instead
     e.json = False
     e.batch_size = 4
+
+    c.export = x = ml_collections.ConfigDict()
+    # The folder `python -m mygpt_jax.export` writes the model into, for transformers' from_pretrained.
+    x.dir = ""
     return c
 
 
@@ -186,6 +199,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(c.run_name not in RESERVED_FOLDERS, "run_name",
             f"{', '.join(RESERVED_FOLDERS)} are folders of checkpoint_dir that hold other things; choose another name")
     require(c.compilation_cache_min_seconds >= 0, "compilation_cache_min_seconds", "must be >= 0")
+    sources = c.weights_sources.split(",")
+    require(set(sources) <= {"hub", "openai"} and len(set(sources)) == len(sources),
+            "weights_sources", "use hub and/or openai, comma-separated, each once")
 
 
 # OpenAI's GPT-2 sizes: (emb_dim, n_heads, n_layers); all have context 1024, qkv bias and a tied head.

@@ -26,7 +26,8 @@ SHA256 = {
 }
 
 
-def _bundled_file(name: str) -> str:
+def bundled_file(name: str) -> str:
+    """The path of the bundled BPE file `name` ("vocab.bpe", "encoder.json"), checked against its sha256."""
     path = resources.files("mygpt_jax") / "assets" / "gpt2" / name
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -41,7 +42,7 @@ def _bundled_file(name: str) -> str:
 def get_tokenizer() -> tiktoken.Encoding:
     """The GPT-2 encoding (50,257 tokens, `<|endoftext|>` = 50256), never touching the network."""
     ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=_bundled_file("vocab.bpe"), encoder_json_file=_bundled_file("encoder.json"))
+        vocab_bpe_file=bundled_file("vocab.bpe"), encoder_json_file=bundled_file("encoder.json"))
     return tiktoken.Encoding(name="gpt2", explicit_n_vocab=50257, pat_str=GPT2_PATTERN,
                              mergeable_ranks=ranks, special_tokens={END_OF_TEXT: END_OF_TEXT_ID})
 

@@ -252,11 +252,9 @@ def _epoch_anchor(saved: dict | None) -> tuple[int, int, int]:
 def _initial_params(config: ml_collections.ConfigDict, cfg: ModelConfig, rng: jax.Array) -> Any:
     if not config.init_from:
         return init_params(cfg, rng)
-    from mygpt_jax.pretrained.load import load_gpt2, size_from_name  # only fine-tuning needs it
+    from mygpt_jax.pretrained.load import load_pretrained  # only fine-tuning needs it
 
-    pretrained_cfg, params = load_gpt2(size_from_name(config.init_from), checkpoint_dir=config.checkpoint_dir,
-                                       weights_dir=config.weights_dir,
-                                       base_urls=config.weights_urls.split(","))
+    pretrained_cfg, params = load_pretrained(config, config.init_from)
     fields = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings")
     mismatched = [f"model.{f}={getattr(cfg, f)} (checkpoint: {getattr(pretrained_cfg, f)})"
                   for f in fields if getattr(cfg, f) != getattr(pretrained_cfg, f)]

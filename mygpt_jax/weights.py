@@ -1,4 +1,4 @@
-"""Where a command's weights come from: OpenAI's GPT-2 (`config.pretrained`) or a training run's checkpoint."""
+"""Where a command's weights come from: pretrained GPT-2 (`config.pretrained`) or a training run's checkpoint."""
 
 from __future__ import annotations
 
@@ -24,10 +24,9 @@ def _for_inference(cfg: ModelConfig, config: ml_collections.ConfigDict) -> Model
 def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
     """(model config for inference, params); the architecture comes from the weights, not the config file."""
     if config.pretrained:
-        from mygpt_jax.pretrained.load import load_gpt2  # TensorFlow only on a first conversion
+        from mygpt_jax.pretrained.load import load_pretrained  # TensorFlow only on a first conversion
 
-        cfg, params = load_gpt2(config.pretrained, checkpoint_dir=config.checkpoint_dir,
-                                weights_dir=config.weights_dir, base_urls=config.weights_urls.split(","))
+        cfg, params = load_pretrained(config, config.pretrained)
         return _for_inference(cfg, config), params
 
     directory = run_folder(config)

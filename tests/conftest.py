@@ -1,4 +1,5 @@
-"""Shared fixtures: a real HTTP server on 127.0.0.1 that serves a GPT-2 model folder."""
+"""Shared fixtures: a real HTTP server on 127.0.0.1 that serves a GPT-2 model folder in OpenAI's layout or
+the Hugging Face Hub's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mygpt_jax.pretrained.download import FILENAMES
+from mygpt_jax.pretrained.download import FILENAMES, HUB_MODELS
 
 DROPPED = "model.ckpt.data-00000-of-00001"  # the file that mode "drop" cuts short
 
@@ -36,14 +37,41 @@ def no_proxy(monkeypatch):
         monkeypatch.setenv(var, "127.0.0.1")
 
 
-class Server:
-    """Serves the files of `root` as /models/<size>/<file>; `mode` is "ok", "404", "drop" or "norange"."""
+@pytest.fixture(autouse=True)
+def no_hugging_face_settings(monkeypatch):
+    """The Hugging Face cache the tests see is the temporary XDG_CACHE_HOME's, and no endpoint or offline mode of
+    the developer's applies."""
+    for var in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
 
-    def __init__(self, root: Path, mode: str = "ok", size: str = "124M") -> None:
-        self.root, self.mode, self.size = root, mode, size
-        self.requests: list[tuple[str, str, str | None]] = []  # (method, file name, Range header)
+
+def openai_routes(size: str = "124M") -> dict[str, str]:
+    """OpenAI's layout: /models/<size>/<file>."""
+    return {f"/models/{size}/{name}": name for name in FILENAMES}
+
+
+def hub_layout(repo: str = HUB_MODELS["124M"][0], revision: str = HUB_MODELS["124M"][1]) -> dict:
+    """Server arguments for the Hub's URLs: config.json answered at /<repo>/resolve/<revision>/, model.safetensors
+    redirected (302) from there to a CDN path, as huggingface.co answers a file stored in LFS."""
+    resolve = f"/{repo}/resolve/{revision}"
+    return {"routes": {f"{resolve}/config.json": "config.json", "/cdn/model.safetensors": "model.safetensors"},
+            "redirects": {f"{resolve}/model.safetensors": "/cdn/model.safetensors"}, "dropped": "model.safetensors"}
+
+
+class Server:
+    """Serves files of `root` on 127.0.0.1 at the URL paths `routes` maps to their names (default: OpenAI's
+    layout, `base` ending in /models); a path in `redirects` answers 302 with the absolute URL of the path it maps
+    to. `mode` is "ok", "404", "drop" (file `dropped` is cut short) or "norange"."""
+
+    def __init__(self, root: Path, mode: str = "ok", size: str = "124M", routes: dict[str, str] | None = None,
+                 redirects: dict[str, str] | None = None, dropped: str = DROPPED) -> None:
+        self.root, self.mode, self.dropped = root, mode, dropped
+        self.routes, self.redirects = routes or openai_routes(size), redirects or {}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, file name, Range header) of files served
+        self.redirected: list[str] = []  # paths answered with a redirect
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/models"
+        self.origin = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.base = self.origin + ("/models" if routes is None else "")
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     def fetched(self) -> list[str]:
@@ -67,11 +95,17 @@ class Server:
                 self._serve(body=True)
 
             def _serve(self, body: bool) -> None:
-                name = self.path.rpartition("/")[2]
+                if server.mode != "404" and self.path in server.redirects:
+                    server.redirected.append(self.path)
+                    self.send_response(302)
+                    self.send_header("Location", server.origin + server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                name = server.routes.get(self.path, self.path.rpartition("/")[2])
                 rng = self.headers.get("Range")
                 server.requests.append((self.command, name, rng))
-                known = name in FILENAMES and self.path == f"/models/{server.size}/{name}"
-                if server.mode == "404" or not known:
+                if server.mode == "404" or self.path not in server.routes:
                     self.send_error(404)
                     return
                 data = (server.root / name).read_bytes()
@@ -91,7 +125,7 @@ class Server:
                 self.end_headers()
                 if not body:
                     return
-                if server.mode == "drop" and name == DROPPED:  # announce everything, send half, hang up
+                if server.mode == "drop" and name == server.dropped:  # announce everything, send half, hang up
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -104,11 +138,12 @@ class Server:
 
 @pytest.fixture
 def http_server() -> Iterator[Callable[..., Server]]:
-    """Factory: http_server(root, mode="ok") serves `root` on 127.0.0.1:<free port>; all stop afterwards."""
+    """Factory: http_server(root, mode="ok", **layout) serves `root` on 127.0.0.1:<free port> (`layout`: Server's
+    routes, redirects, dropped); all stop afterwards."""
     servers: list[Server] = []
 
-    def start(root: Path, mode: str = "ok") -> Server:
-        servers.append(Server(root, mode))
+    def start(root: Path, mode: str = "ok", **layout) -> Server:
+        servers.append(Server(root, mode, **layout))
         return servers[-1]
 
     yield start

@@ -1,5 +1,5 @@
-"""A tiny GPT-2 in OpenAI's exact checkpoint layout, written with TensorFlow, and an independent NumPy
-forward pass that reads its variables straight from the checkpoint (the reference for the converter)."""
+"""A tiny GPT-2 in OpenAI's exact checkpoint layout, written with TensorFlow, and the NumPy forward pass
+(tests/numpy_gpt2.py) reading its variables straight from the checkpoint (the reference for the converter)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 
 import mygpt_jax
 from mygpt_jax.pretrained.download import FILENAMES
+from tests.numpy_gpt2 import logits, random_weights
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf  # noqa: E402  (after silencing its C++ logging)
@@ -34,9 +35,7 @@ def openai_variables(hparams: dict, seed: int = 0) -> dict[str, np.ndarray]:
             "mlp/c_fc/w": (1, d, 4 * d), "mlp/c_fc/b": (4 * d,),
             "mlp/c_proj/w": (1, 4 * d, d), "mlp/c_proj/b": (d,),
         }.items()}
-    rng = np.random.default_rng(seed)
-    return {name: ((1.0 if name.endswith("/g") else 0.0) + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-            for name, shape in shapes.items()}
+    return random_weights(shapes, seed, lambda name: name.endswith("/g"))
 
 
 def write_checkpoint(folder: Path, variables: dict[str, np.ndarray], hparams: dict) -> Path:
@@ -59,29 +58,11 @@ def numpy_gpt2(folder: Path, tokens: np.ndarray, hparams: dict) -> np.ndarray:
     """GPT-2's logits computed in float64 straight from the TensorFlow checkpoint's variables."""
     prefix = str(folder / "model.ckpt")
 
-    def w(name: str) -> np.ndarray:
-        return tf.train.load_variable(prefix, f"model/{name}").astype(np.float64)
+    def weights(module: str, kind: str) -> np.ndarray:
+        if module in ("wte", "wpe", "head"):  # the head is the tied token table
+            return tf.train.load_variable(prefix, f"model/{'wte' if module == 'head' else module}")
+        leaf = "b" if kind == "b" else "g" if module.rpartition("/")[2].startswith("ln_") else "w"
+        value = tf.train.load_variable(prefix, f"model/{module}/{leaf}")
+        return value[0] if leaf == "w" else value  # dense layers are width-1 convolutions: (1, in, out)
 
-    def layer_norm(x: np.ndarray, name: str) -> np.ndarray:
-        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mean) / np.sqrt(var + 1e-5) * w(f"{name}/g") + w(f"{name}/b")
-
-    def conv1d(x: np.ndarray, name: str) -> np.ndarray:
-        return x @ w(f"{name}/w")[0] + w(f"{name}/b")
-
-    def gelu(x: np.ndarray) -> np.ndarray:
-        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-
-    b, t = tokens.shape
-    heads, d = hparams["n_head"], hparams["n_embd"]
-    causal = np.tril(np.ones((t, t), bool))
-    x = w("wte")[tokens] + w("wpe")[:t]
-    for i in range(hparams["n_layer"]):
-        qkv = conv1d(layer_norm(x, f"h{i}/ln_1"), f"h{i}/attn/c_attn")
-        q, k, v = (a.reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, axis=-1))
-        scores = np.where(causal, q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // heads), -np.inf)
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        x = x + conv1d((probs @ v).transpose(0, 2, 1, 3).reshape(b, t, d), f"h{i}/attn/c_proj")
-        x = x + conv1d(gelu(conv1d(layer_norm(x, f"h{i}/ln_2"), f"h{i}/mlp/c_fc")), f"h{i}/mlp/c_proj")
-    return layer_norm(x, "ln_f") @ w("wte").T
+    return logits(weights, tokens, hparams["n_head"], hparams["n_layer"])

@@ -191,7 +191,8 @@ def test_incomplete_weights_dir_names_the_missing_files(weights, tmp_path):
 
 def test_download_convert_and_load(model_dir, http_server, tmp_path, tokens):
     server = http_server(model_dir)
-    cfg, params = load_gpt2("124M", checkpoint_dir=str(tmp_path), base_urls=[server.base], progress=False)
+    cfg, params = load_gpt2("124M", checkpoint_dir=str(tmp_path), sources=("openai",), base_urls=[server.base],
+                            progress=False)
     assert sorted(server.fetched()) == sorted(FILENAMES)
     assert (tmp_path / "gpt2" / "124M" / "flax").is_dir()
     assert_logits_match(tmp_path / "gpt2" / "124M", cfg, params, tokens)

@@ -26,7 +26,8 @@ def served(tmp_path_factory):
     server = Server(folder.parent)
     server.root = folder
     ckpt = tmp_path_factory.mktemp("ckpt")
-    yield folder, server, [f"--config.checkpoint_dir={ckpt}", f"--config.weights_urls={server.base}"]
+    yield folder, server, [f"--config.checkpoint_dir={ckpt}", "--config.weights_sources=openai",
+                           f"--config.weights_urls={server.base}"]
     server.stop()
 
 
@@ -106,7 +107,8 @@ def test_fine_tuning_starts_from_the_pretrained_weights(served, tmp_path):
 
 def test_no_network_is_one_clear_line(tmp_path):
     result = run_cli("sample", f"--config.checkpoint_dir={tmp_path}", "--config.weights_urls=http://127.0.0.1:9/x",
-                     "--config.sample.prompt=Hi", config=GPT2)
+                     "--config.hub_url=http://127.0.0.1:9", "--config.sample.prompt=Hi", config=GPT2)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: could not download") and "weights_dir" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: hub: could not download config.json for ")
+    assert " | openai: could not download checkpoint for GPT-2 124M " in lines[0] and "weights_dir" in lines[0]

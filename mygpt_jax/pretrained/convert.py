@@ -15,31 +15,39 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig, init_params
 
 HPARAMS_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 _LEAF_NAMES = {"kernel": "w", "bias": "b", "scale": "g"}  # Flax leaf -> OpenAI leaf
-_MAX_NAMED = 3  # variables named in one error message
+_MAX_NAMED = 3  # names in one error message
+
+
+def read_json_object(path: Path, holds: str) -> dict[str, Any]:
+    """The JSON object in `path`, else a UserError (`holds`: what the folder must hold, for a missing file)."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the folder must hold {holds}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} could not be read ({e}); delete it so that it is downloaded again") from e
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object; delete it so that it is downloaded again")
+    return value
 
 
 def read_hparams(folder: str | os.PathLike) -> dict[str, int]:
     """The architecture in `folder/hparams.json`: n_vocab, n_ctx, n_embd, n_head, n_layer."""
     path = Path(folder) / "hparams.json"
-    try:
-        hparams = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; the folder must hold OpenAI's GPT-2 files") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} could not be read ({e}); delete it so that it is downloaded again") from e
-    if not isinstance(hparams, dict):
-        raise UserError(f"{path} is not a JSON object; delete it so that it is downloaded again")
+    hparams = read_json_object(path, "OpenAI's GPT-2 files")
     bad = [k for k in HPARAMS_KEYS if not (type(hparams.get(k)) is int and hparams[k] > 0)]
     if bad:
         raise UserError(f"{path} lacks positive integers for {', '.join(bad)}; "
@@ -66,15 +74,16 @@ def openai_name(path: tuple[str, ...]) -> str:
     return "/".join(["model", *modules, _LEAF_NAMES.get(leaf, leaf)])
 
 
+def parameter_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{Flax path: shape} of every parameter of `cfg` (derived from the model, nothing allocated)."""
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(abstract).items()}
+
+
 def expected_variables(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """{OpenAI variable name: (Flax path, shape in the checkpoint)} of every parameter of `cfg`."""
-    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    expected = {}
-    for key_path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
-        path = tuple(k.key for k in key_path)
-        shape = (1, *leaf.shape) if path[-1] == "kernel" else leaf.shape  # conv1d weights
-        expected[openai_name(path)] = (path, tuple(shape))
-    return expected
+    return {openai_name(path): (path, (1, *shape) if path[-1] == "kernel" else shape)  # conv1d weights
+            for path, shape in parameter_shapes(cfg).items()}
 
 
 def convert_checkpoint(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
@@ -89,32 +98,27 @@ def convert_checkpoint(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str
     prefix = str(Path(folder) / "model.ckpt")  # OpenAI's name, whatever `checkpoint` says: the index load.py hashes
     try:
         found = dict(tf.train.list_variables(prefix))
-        _check_names(prefix, found, expected)
-        params: dict[str, Any] = {}
+        check_names(found, expected, "variable", f"TensorFlow checkpoint {prefix}",
+                    "is it OpenAI's GPT-2 and does hparams.json match it?")
+        flat = {}
         for name, (path, shape) in expected.items():
             if tuple(found[name]) != shape:
                 raise UserError(f"variable {name} in {prefix} has shape {tuple(found[name])}, expected {shape} "
                                 "(does hparams.json match the checkpoint?)")
             value = np.asarray(tf.train.load_variable(prefix, name), dtype=np.float32)
-            _set(params, path, value[0] if path[-1] == "kernel" else value)
+            flat[path] = value[0] if path[-1] == "kernel" else value
     except (tf.errors.OpError, IndexError) as e:  # IndexError: a truncated data file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"TensorFlow checkpoint {prefix} could not be read ({reason}); delete {folder} "
                         "to download it again, or replace its files") from e
-    return cfg, params
+    return cfg, traverse_util.unflatten_dict(flat)
 
 
-def _check_names(prefix: str, found: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Every checkpoint variable is a parameter and every parameter is in the checkpoint."""
-    for problem, names in (("unexpected", found.keys() - expected), ("missing", expected.keys() - found)):
+def check_names(found: Collection[str], expected: Collection[str], kind: str, where: str, hint: str) -> None:
+    """Every name `found` in a checkpoint is `expected` and every expected name is found, else a UserError
+    naming the first few: "unexpected <kind> <names> in <where>; <hint>"."""
+    for problem, names in (("unexpected", set(found) - set(expected)), ("missing", set(expected) - set(found))):
         if names:
             names = sorted(names)
             more = f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else ""
-            raise UserError(f"{problem} variable {', '.join(names[:_MAX_NAMED])}{more} in TensorFlow checkpoint "
-                            f"{prefix}; is it OpenAI's GPT-2 and does hparams.json match it?")
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: np.ndarray) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+            raise UserError(f"{problem} {kind} {', '.join(names[:_MAX_NAMED])}{more} in {where}; {hint}")

@@ -1,0 +1,171 @@
+"""`python -m mygpt_jax.export`: a tiny trained run and a pretrained GPT-2 written as Hugging Face folders, loaded
+back bit for bit, checked against the NumPy GPT-2 reading the exported file by the Hub's names, and (where
+transformers and torch are installed) loaded by transformers itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from configs.tiny import get_config
+from mygpt_jax import tokenizer
+from mygpt_jax.errors import UserError
+from mygpt_jax.model import GPT, ModelConfig
+from mygpt_jax.pretrained import hub
+from mygpt_jax.pretrained.download import HUB_MODELS
+from mygpt_jax.pretrained.load import load_gpt2
+from mygpt_jax.weights import load_model
+from tests.conftest import hub_layout
+from tests.numpy_gpt2 import hub_tensors, hub_weights, logits, write_hub_folder
+from tests.utils import REPO, run_cli
+
+GPT2 = f"{REPO}/configs/gpt2_124m.py"
+TEXT = "Every effort moves you toward the<|endoftext|> end."
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run trained for two steps (no q/k/v biases, an untied head, dropout 0.1) and its export."""
+    ckpt, out = tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("export") / "tiny"
+    trained = run_cli("train", f"--config.checkpoint_dir={ckpt}", "--config.train.max_steps=2",
+                      "--config.train.flops_matmul_size=0")
+    assert trained.returncode == 0, trained.stderr
+    exported = run_cli("export", f"--config.checkpoint_dir={ckpt}", f"--config.export.dir={out}")
+    assert exported.returncode == 0, exported.stderr
+    assert f"exported to {out}; load it with transformers.GPT2LMHeadModel.from_pretrained" in exported.stderr
+    config = get_config()
+    config.checkpoint_dir = str(ckpt)
+    cfg, params = load_model(config)
+    return cfg, params, out
+
+
+@pytest.fixture(scope="module")
+def tokens() -> np.ndarray:
+    return np.asarray([tokenizer.encode(TEXT)])
+
+
+def test_export_loads_back_bit_for_bit(run, tmp_path):
+    cfg, params, out = run
+    loaded_cfg, loaded = load_gpt2("124M", checkpoint_dir=str(tmp_path), weights_dir=str(out))
+    assert not cfg.qkv_bias and not cfg.tie_embeddings
+    assert loaded_cfg == dataclasses.replace(cfg, drop_rate=0.0)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_the_exported_file_gives_the_models_logits(run, tokens):
+    cfg, params, out = run
+    config = json.loads((out / "config.json").read_text())
+    tensors = load_file(out / "model.safetensors")
+    expected = logits(hub_weights(tensors), tokens, config["n_head"], config["n_layer"])
+    got, _ = GPT(cfg).apply({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-4)
+
+
+def test_the_export_folder_is_what_transformers_reads(run):
+    cfg, _, out = run
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "config.json", "generation_config.json", "merges.txt", "model.safetensors", "special_tokens_map.json",
+        "tokenizer_config.json", "vocab.json"])
+    config = json.loads((out / "config.json").read_text())
+    assert config | {"initializer_range": None} == config | {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 50257, "n_positions": 32,
+        "n_ctx": 32, "n_embd": 32, "n_layer": 2, "n_head": 2, "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False, "bos_token_id": 50256, "eos_token_id": 50256,
+        "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "initializer_range": None}
+    with safe_open(out / "model.safetensors", "np") as f:
+        assert f.metadata() == {"format": "pt"}
+        names = set(f.keys())
+        assert not f.get_tensor("transformer.h.1.attn.c_attn.bias").any()  # the model has no q/k/v biases
+        assert f.get_slice("lm_head.weight").get_shape() == [50257, 32]
+    assert names == {name if name == "lm_head.weight" else f"transformer.{name}"
+                     for name in hub.tensor_layout(cfg)}
+    assert (out / "vocab.json").read_bytes() == open(tokenizer.bundled_file("encoder.json"), "rb").read()
+    assert (out / "merges.txt").read_bytes() == open(tokenizer.bundled_file("vocab.bpe"), "rb").read()
+    assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == "<|endoftext|>"
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 32
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "bos_token_id": 50256, "eos_token_id": 50256, "max_new_tokens": 10, "do_sample": False}
+
+
+def test_pretrained_gpt2_from_the_hub_exports_its_own_tensors(http_server, tmp_path):
+    """Downloaded from the loopback Hub through the config's keys, then exported: q/k/v biases and the tied head
+    come back as the Hub's file held them, and the sampling settings of configs/gpt2_124m.py."""
+    arch = {"vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_head": 4, "n_layer": 2}
+    served = hub_tensors(arch, seed=5)
+    server = http_server(write_hub_folder(tmp_path / "served", served, arch), **hub_layout())
+    out = tmp_path / "export"
+    result = run_cli("export", f"--config.checkpoint_dir={tmp_path / 'ckpt'}", "--config.weights_sources=hub",
+                     f"--config.hub_url={server.base}", f"--config.export.dir={out}", config=GPT2)
+    assert result.returncode == 0, result.stderr
+    assert server.redirected == [f"/{HUB_MODELS['124M'][0]}/resolve/{HUB_MODELS['124M'][1]}/model.safetensors"]
+    exported = load_file(out / "model.safetensors")
+    weights = {name: value for name, value in served.items() if not re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", name)}
+    assert exported.keys() == {f"transformer.{name}" for name in weights}  # tied: no lm_head.weight
+    for name, value in weights.items():
+        np.testing.assert_array_equal(exported[f"transformer.{name}"], value)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "bos_token_id": 50256, "eos_token_id": 50256, "max_new_tokens": 50, "do_sample": True,
+        "temperature": 1.0, "top_k": 40, "top_p": 1.0}
+
+
+def test_export_without_a_folder_is_one_line(tmp_path):
+    result = run_cli("export", f"--config.checkpoint_dir={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: no folder to export to; pass --config.export.dir=DIR"
+
+
+def test_a_padded_vocabulary_exports_its_real_rows(tmp_path):
+    """Rows past vocab_size (a vocabulary padded for speed) are no token's: the export leaves them out."""
+    arch = {"vocab_size": 200, "n_positions": 32, "n_embd": 32, "n_head": 4, "n_layer": 2}
+    served = hub_tensors(arch, untied=True)
+    cfg, params = hub.load_folder(write_hub_folder(tmp_path / "hub", served, arch | {"tie_word_embeddings": False}))
+    padded = jax.tree.map(lambda a: a, params)
+    padded["wte"]["embedding"] = np.concatenate([params["wte"]["embedding"], np.ones((56, 32), np.float32)])
+    padded["lm_head"]["kernel"] = np.concatenate([params["lm_head"]["kernel"], np.ones((32, 56), np.float32)], 1)
+    exported, unpadded = hub.to_hub(cfg, padded), hub.to_hub(cfg, params)
+    assert exported["transformer.wte.weight"].shape == exported["lm_head.weight"].shape == (200, 32)
+    assert all(np.array_equal(exported[name], unpadded[name]) for name in unpadded)
+    np.testing.assert_array_equal(exported["lm_head.weight"], served["lm_head.weight"])
+
+
+def test_a_model_transformers_cannot_express_names_its_key_or_parameter():
+    @dataclasses.dataclass(frozen=True)
+    class WithRotary(ModelConfig):
+        rotary: bool = False
+
+    cfg = WithRotary(vocab_size=200, context_length=32, emb_dim=32, n_heads=4, n_layers=1, rotary=True)
+    with pytest.raises(UserError, match="model.rotary=True has no equivalent in transformers' GPT2LMHeadModel; only "
+                                        "a model with model.rotary=False can be exported"):
+        hub.to_hub(cfg, {})
+    cfg = ModelConfig(vocab_size=200, context_length=32, emb_dim=32, n_heads=4, n_layers=1)
+    params = traverse_util.unflatten_dict({path: np.zeros(shape, np.float32)
+                                           for path, shape in hub.parameter_shapes(cfg).items()})
+    params["h_0"]["attn"]["rotary"] = {"scale": np.zeros(4, np.float32)}
+    with pytest.raises(UserError, match="parameter h_0/attn/rotary/scale has no counterpart in transformers'"):
+        hub.to_hub(cfg, params)
+
+
+def test_transformers_loads_the_export_and_gives_the_models_logits(run, tokens):
+    """Skipped unless transformers and torch are installed (they are no dependencies of the project)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg, params, out = run
+    model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = model(torch.tensor(tokens)).logits.numpy()
+    expected, _ = GPT(cfg).apply({"params": params}, tokens)
+    np.testing.assert_allclose(got, np.asarray(expected), rtol=0, atol=1e-4)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tokenizer(TEXT)["input_ids"] == tokenizer.encode(TEXT)
+    assert hf_tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
+    assert hf_tokenizer.eos_token_id == tokenizer.END_OF_TEXT_ID
