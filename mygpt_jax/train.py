@@ -26,11 +26,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mygpt_jax import checkpoint, data, hardware
+from mygpt_jax import backends, checkpoint, data, hardware
 from mygpt_jax.config import changed_settings
 from mygpt_jax.errors import Interrupted, UserError
 from mygpt_jax.generate import Generator, SamplingSettings
-from mygpt_jax.model import GPT, ModelConfig, check_backend, count_params, init_params, matmul_flops_per_token
+from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
 from mygpt_jax.plots import plot_losses
 from mygpt_jax.tokenizer import decode, encode
 
@@ -107,9 +107,9 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation,
 def jit_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int,
                    profile: bool = False) -> Callable:
     """The train step as training runs it (and the bench times it): jitted whole, the state donated.
-    `profile=True` compiles it to record every XLA op in a profiler trace (`hardware.jit_options`)."""
+    `profile=True` compiles it to record every XLA op in a profiler trace (`Backend.jit_options`)."""
     return jax.jit(make_train_step(model, tx, grad_accum_steps), donate_argnums=(0,),
-                   **hardware.jit_options(profile))
+                   **model.backend.jit_options(profile))
 
 
 def evaluate(eval_step: Callable, params: Any, windows: np.ndarray, batch_size: int, max_batches: int) -> float:
@@ -197,13 +197,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
 
-    model = GPT(cfg)
+    backend = backends.current()
+    model = GPT(cfg, backend)
     tx = create_optimizer(t, total_steps)
     train_step = jit_train_step(model, tx, t.grad_accum_steps)
-    eval_step = jax.jit(lambda p, b: loss_fn(model, p, b, None), **hardware.jit_options())
+    eval_step = jax.jit(lambda p, b: loss_fn(model, p, b, None), **backend.jit_options())
     init_rng, dropout_rng = jax.random.split(jax.random.key(t.seed))
 
-    check_backend(cfg)  # before anything is deleted or restored
     run_dir = os.path.join(config.checkpoint_dir, config.run_name)
     try:
         os.makedirs(run_dir, exist_ok=True)
@@ -247,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
 
     n_params = count_params(state.params)
     flops_per_token = matmul_flops_per_token(cfg)
-    peak_flops, peak_name = (hardware.flops_reference(cfg.dtype, t.flops_matmul_size) if t.flops_matmul_size
+    peak_flops, peak_name = (hardware.flops_reference(cfg.dtype, t.flops_matmul_size, backend) if t.flops_matmul_size
                              else (None, None))
     print(f"Model: {n_params:,} parameters; {len(splits.train)} training and {len(splits.val)} validation "
           f"windows of {cfg.context_length} tokens; {steps_per_epoch} steps per epoch, {total_steps} in all")
@@ -282,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     if t.sample_every_epoch and not sample_prompt:
         print("No sample after each epoch: --config.sample.prompt is empty")
     settings = dataclasses.replace(SamplingSettings.from_config(config.sample), num_samples=1)
-    generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, settings)
+    generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, settings, backend)
     start_time = mark_time = time.time()
     mark_tokens = tokens_seen
     def log_evaluation(metrics: dict, epoch_number: int) -> None:
