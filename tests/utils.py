@@ -28,3 +28,13 @@ def popen_cli(module: str, *args: str, config: str = TINY) -> subprocess.Popen:
     cmd = [sys.executable, "-m", f"mygpt_jax.{module}", "--config", config, *args]
     return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+def after_the_device_line(result: subprocess.CompletedProcess) -> list[str]:
+    """The lines of a command's stderr after its first, which must be the backend and its devices
+    (`backends.describe()`): every command prints it once JAX runs, before anything else of its own."""
+    from mygpt_jax.backends import describe
+
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[0] == describe(), result.stderr
+    return lines[1:]
