@@ -63,7 +63,8 @@ def current() -> Backend:
     except RuntimeError as e:
         reason = " ".join(str(e).split())[:300]
         raise UserError(f"jax {jax.__version__} cannot compute on this machine's backend ({reason}); run with "
-                        "JAX_PLATFORMS=cpu to use the CPU (Apple GPUs: docs/backends.md)") from None
+                        "JAX_PLATFORMS=cpu to use the CPU; Apple GPUs need jax 0.5.0: install with .ci/metal "
+                        "(docs/backends.md)") from None
     return for_platform(platform_of(device))
 
 
