@@ -18,8 +18,8 @@ train      the config's model, batch size, gradient accumulation, optimizer and 
            counted. The fraction is achieved FLOP/s over the measured matmul rate of the compute dtype
            (the CPU analogue of MFU); on a GPU in hardware.GPU_PEAK_FLOPS, MFU against the chip's peak too.
 decode     batch 1, greedy, --decode_tokens new tokens after the config's prompt, with the Generator
-           (prefill, then the KV-cache decode loop sample.decode_loop names); the prompt's prefill is included. Once to
-           compile, then the best of --decode_runs, as for the limits it is compared with. The
+           (prefill, then the KV-cache decode loop sample.decode_loop names); the prompt's prefill is
+           included. Once to compile, then the best of --decode_runs, as for the limits it is compared with. The
            bandwidth limit is the read bandwidth over the bytes of weights one token reads (every matmul
            weight, and the whole of wte when the head is tied; one row of each embedding table).
 recompute  the same greedy decoding without a cache: every token runs the model over the whole padded

@@ -105,9 +105,10 @@ def _fmix32(x: jax.Array) -> jax.Array:
 class Dropout(nn.Module):  # named as nn.Dropout: a module's name picks its share of the "dropout" key
     """nn.Dropout's semantics (zero with probability `rate`, scale the rest by 1 / (1 - rate)), cheaper bits.
 
-    jax.random draws one threefry number per element, slow on XLA:CPU (28M numbers in every seed-config step).
-    Here the bits of element i are a counter hash, fmix32(fmix32(i ^ s0) + s1), with (s0, s1) drawn from the
-    usual "dropout" key: an elementwise integer fusion, just as reproducible, and plenty random for a mask.
+    jax.random draws one threefry number per element, slow on XLA:CPU, where a training step drops out tens of
+    millions of elements. Here the bits of element i are a counter hash, fmix32(fmix32(i ^ s0) + s1), with
+    (s0, s1) drawn from the usual "dropout" key: an elementwise integer fusion, just as reproducible, and plenty
+    random for a mask.
     """
 
     rate: float
