@@ -19,8 +19,8 @@ train      the config's model, batch size, gradient accumulation, optimizer and 
            counted. The fraction is achieved FLOP/s over the measured matmul rate of the compute dtype
            (the CPU analogue of MFU); on a GPU in hardware.GPU_PEAK_FLOPS, MFU against the chip's peak too.
 decode     batch 1, greedy, --decode_tokens new tokens after the config's prompt, with the Generator
-           (prefill, then a KV-cache decode loop on the device); the prompt's prefill is included. Once to
-           compile, then the best of --decode_runs, as for the limits it is compared with. The
+           (prefill, then the KV-cache decode loop sample.decode_loop names); the prompt's prefill is
+           included. Once to compile, then the best of --decode_runs, as for the limits it is compared with. The
            bandwidth limit is the read bandwidth over the bytes of weights one token reads (every matmul
            weight, and the whole of wte when the head is tied; one row of each embedding table).
 recompute  the same greedy decoding without a cache: every token runs the model over the whole padded
@@ -46,10 +46,10 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from mygpt_jax import hardware, profiling, steps
+from mygpt_jax import backends, hardware, profiling, steps
+from mygpt_jax.backends import Backend
 from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings
-from mygpt_jax.hardware import jit_options
 from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
 from mygpt_jax.tokenizer import encode
 
@@ -78,9 +78,9 @@ def _progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def machine_limits() -> dict[str, float]:
-    return {"matmul_flops_per_s_float32": hardware.matmul_rate(_MATMUL_SIZE.value, "float32"),
-            "matmul_flops_per_s_bfloat16": hardware.matmul_rate(_MATMUL_SIZE.value, "bfloat16"),
+def machine_limits(backend: Backend) -> dict[str, float]:
+    return {"matmul_flops_per_s_float32": hardware.matmul_rate(_MATMUL_SIZE.value, "float32", backend),
+            "matmul_flops_per_s_bfloat16": hardware.matmul_rate(_MATMUL_SIZE.value, "bfloat16", backend),
             "read_bytes_per_s": hardware.read_bandwidth(_COPY_MB.value),
             "copy_bytes_per_s": hardware.copy_bandwidth(_COPY_MB.value)}
 
@@ -92,13 +92,13 @@ def weight_bytes_per_token(cfg: ModelConfig, params: Any) -> int:
     return sum(p.nbytes for p in jax.tree_util.tree_leaves(params)) - tables
 
 
-def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, n_steps: int, profile: bool = False
-                ) -> dict[str, Any]:
+def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: Backend, n_steps: int,
+                profile: bool = False) -> dict[str, Any]:
     """Tokens/s and FLOP/s of the jitted train step (train.py's), compile time apart; with `profile`, also
     {XLA op kind: (seconds, count)} of one more step (`profiling.op_seconds`)."""
     t = config.train
     tx = steps.create_optimizer(t, total_steps=n_steps + t.warmup_steps + 2)
-    step = steps.jit_train_step(GPT(cfg), tx, t.grad_accum_steps)
+    step = steps.jit_train_step(GPT(cfg, backend), tx, t.grad_accum_steps)
     params = init_params(cfg, jax.random.key(t.seed))
     num_params = count_params(params)
     state = steps.TrainState(jnp.int32(0), params, tx.init(params))
@@ -123,7 +123,7 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, n_steps: in
               "train_tokens_per_s": tokens_per_s, "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
     if profile:
         _progress("train step: compiling it to record its ops, then one profiled step")
-        profiled_step = steps.jit_train_step(GPT(cfg), tx, t.grad_accum_steps, profile=True).lower(
+        profiled_step = steps.jit_train_step(GPT(cfg, backend), tx, t.grad_accum_steps, profile=True).lower(
             state, batch, rng).compile()
         state, metrics = profiled_step(state, batch, rng)  # warm-up
         jax.block_until_ready(metrics)
@@ -131,20 +131,21 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, n_steps: in
     return result
 
 
-def recompute_decode(cfg: ModelConfig, params: Any, prompt: list[int], n_tokens: int) -> tuple[list[int], float, float]:
-    """Greedy decoding without a KV cache: (tokens, compile seconds, seconds for n_tokens)."""
-    model = GPT(cfg)
+def recompute_decode(generator: Generator, prompt: list[int], n_tokens: int) -> tuple[list[int], float, float]:
+    """Greedy decoding without a KV cache, on the generator's weights: (tokens, compile seconds, seconds for
+    n_tokens)."""
+    cfg, params = generator.cfg, generator.params
 
     def decode(params: Any, tokens: jax.Array) -> jax.Array:
         def next_token(i: jax.Array, tokens: jax.Array) -> jax.Array:
-            logits, _ = model.apply({"params": params}, tokens)  # the whole padded context, every time
+            logits, _ = generator.apply(params, tokens)  # the whole padded context, every time
             return tokens.at[0, len(prompt) + i].set(jnp.argmax(logits[0, len(prompt) + i - 1]).astype(jnp.int32))
 
         return jax.lax.fori_loop(0, n_tokens, next_token, tokens)
 
     padded = jnp.zeros((1, cfg.context_length), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
     start = time.perf_counter()
-    compiled = jax.jit(decode, **jit_options()).lower(params, padded).compile()
+    compiled = jax.jit(decode, **generator.backend.jit_options()).lower(params, padded).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     tokens = np.asarray(compiled(params, padded))
@@ -152,7 +153,7 @@ def recompute_decode(cfg: ModelConfig, params: Any, prompt: list[int], n_tokens:
     return tokens[0, len(prompt):len(prompt) + n_tokens].tolist(), compile_s, run_s
 
 
-def bench_decode(config: ml_collections.ConfigDict, cfg: ModelConfig, new_tokens: int, runs: int,
+def bench_decode(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: Backend, new_tokens: int, runs: int,
                  recompute_tokens: int) -> dict[str, Any]:
     """Batch-1 greedy decoding with the KV cache, and without it (full recompute)."""
     cfg = dataclasses.replace(cfg, drop_rate=0.0)
@@ -160,7 +161,8 @@ def bench_decode(config: ml_collections.ConfigDict, cfg: ModelConfig, new_tokens
     new_tokens = min(new_tokens, cfg.context_length - len(prompt))
     _progress(f"decoding {new_tokens} tokens with the KV cache, 1 + {runs} times (the first compiles)")
     generator = Generator(cfg, init_params(cfg, jax.random.key(0)),
-                          SamplingSettings(max_new_tokens=new_tokens, stop_token=None))
+                          SamplingSettings(max_new_tokens=new_tokens, stop_token=None,
+                                           decode_loop=config.sample.decode_loop), backend)
     start = time.perf_counter()
     generator.generate(prompt, jax.random.key(0))
     first_s = time.perf_counter() - start
@@ -172,7 +174,7 @@ def bench_decode(config: ml_collections.ConfigDict, cfg: ModelConfig, new_tokens
 
     recompute_tokens = min(recompute_tokens, new_tokens)
     _progress(f"decoding {recompute_tokens} tokens without the cache")
-    recomputed, recompute_compile_s, recompute_s = recompute_decode(cfg, generator.params, prompt, recompute_tokens)
+    recomputed, recompute_compile_s, recompute_s = recompute_decode(generator, prompt, recompute_tokens)
     return {"decode_compile_s": max(first_s - run_s, 0.0), "decode_tokens": new_tokens,
             "decode_tokens_per_s": new_tokens / run_s,
             "decode_bytes_per_token": weight_bytes_per_token(cfg, generator.params),
@@ -186,23 +188,25 @@ def _peak_rss_bytes() -> int:
 
 
 def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    cfg = ModelConfig.from_config(config.model)
+    cfg, backend = ModelConfig.from_config(config.model), backends.current()
     if _PROFILE.value and not hardware.can_read_profiles():
         raise UserError(f"--profile needs a jax that reads profiler traces back (jax.profiler.ProfileData); "
                         f"this is jax {jax.__version__}: upgrade jax, or run without --profile")
     _progress(f"matmul rate ({_MATMUL_SIZE.value}^2) and memory bandwidth ({_COPY_MB.value} MiB)")
-    limits = machine_limits()
+    limits = machine_limits(backend)
     _progress(f"train step: compiling, then 1 + {_STEPS.value} steps")
-    result = bench_train(config, cfg, _STEPS.value, _PROFILE.value)
-    result.update(bench_decode(config, cfg, _DECODE_TOKENS.value, _DECODE_RUNS.value, _RECOMPUTE_TOKENS.value))
+    result = bench_train(config, cfg, backend, _STEPS.value, _PROFILE.value)
+    result.update(bench_decode(config, cfg, backend, _DECODE_TOKENS.value, _DECODE_RUNS.value,
+                               _RECOMPUTE_TOKENS.value))
     _progress("matmul rate and memory bandwidth again")
-    limits = {key: max(value, again) for (key, value), again in zip(limits.items(), machine_limits().values())}
+    limits = {key: max(value, again) for (key, value), again in zip(limits.items(), machine_limits(backend).values())}
 
     peak = hardware.gpu_peak_flops()
     reference = "bfloat16" if cfg.dtype == "bfloat16" else "float32"  # the matmul rate the step is compared with
     decode_limit = limits["read_bytes_per_s"] / result["decode_bytes_per_token"]
     result.update(
-        limits, device=hardware.device_name(), dtype=cfg.dtype, attention=cfg.attention,
+        limits, device=backends.describe(), dtype=cfg.dtype, attention=cfg.attention,
+        decode_loop=config.sample.decode_loop,
         batch_size=config.train.batch_size,
         context_length=cfg.context_length, train_flops_reference=reference,
         train_flops_fraction=result["train_flops_per_s"] / limits[f"matmul_flops_per_s_{reference}"],
@@ -236,7 +240,7 @@ def report(r: dict[str, Any]) -> str:
     profile = profile_lines(r["train_profile"]) if "train_profile" in r else []
     return "\n".join([
         f"device: {r['device']}; model {r['num_params']:,} parameters, {r['dtype']}, context {r['context_length']}, "
-        f"{r['attention']} attention",
+        f"{r['attention']} attention, decode loop on the {r['decode_loop']}",
         f"matmul rate: {r['matmul_flops_per_s_float32'] / 1e9:.1f} GFLOP/s float32, "
         f"{r['matmul_flops_per_s_bfloat16'] / 1e9:.1f} GFLOP/s bfloat16; "
         f"memory read {r['read_bytes_per_s'] / 1e9:.1f} GB/s, "

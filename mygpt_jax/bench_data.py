@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mygpt_jax import corpus, data, steps
+from mygpt_jax import backends, corpus, data, steps
 from mygpt_jax.model import GPT, ModelConfig, init_params
 from mygpt_jax.prepare import CHUNK_BYTES, default_workers, encode_chunk
 
@@ -143,7 +143,7 @@ def bench_training(config: ml_collections.ConfigDict, prepared_folder: str, n_st
     sources = {"memory_map": mapped, "in_memory": _InMemory(data.EpochBatches(
         np.asarray(tokens), cfg.context_length, cfg.context_length, t.batch_size, t.seed))}
     tx = steps.create_optimizer(t, n_steps)
-    step_fn = steps.jit_train_step(GPT(cfg), tx, t.grad_accum_steps)
+    step_fn = steps.jit_train_step(GPT(cfg, backends.current()), tx, t.grad_accum_steps)
     params = init_params(cfg, jax.random.key(0))
     rng = jax.random.key(1)
     state = steps.TrainState(jnp.int32(0), params, tx.init(params))

@@ -1,8 +1,10 @@
 """What every command-line entry shares: `--config` flags, one-line errors, exit codes.
 
 `run(main)` parses `--config configs/x.py --config.a.b=value` (ml_collections config_flags, locked so
-that unknown keys fail), validates the config, and calls `main(config)`. A bad flag or a `UserError`
-prints `error: ...` on one line and exits with status 2 or 1; Ctrl-C exits with 130.
+that unknown keys fail), validates the config, prints the backend and its devices as the first line on
+stderr, resolves the config's "auto" values for that backend (`backends.resolve`), and calls `main(config)`.
+A bad flag or a `UserError` prints `error: ...` on one line and exits with status 2 or 1; Ctrl-C exits with
+130.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mygpt_jax import hardware
+from mygpt_jax import backends, hardware
 from mygpt_jax.config import validate
 from mygpt_jax.errors import Interrupted, UserError
 
@@ -82,6 +84,9 @@ def run(main: Callable[[ml_collections.ConfigDict], None], compilation_cache: bo
         logging.set_verbosity(logging.WARNING)  # Orbax and absl are chatty at INFO
         try:
             validate(config)
+            backend = backends.current()
+            print(backends.describe(), file=sys.stderr, flush=True)
+            backends.resolve(config, backend)
             if compilation_cache:
                 hardware.use_compilation_cache(config.compilation_cache_dir, config.compilation_cache_min_seconds)
             main(config)

@@ -52,14 +52,17 @@ def base_config() -> ml_collections.ConfigDict:
     m.drop_rate = 0.1
     m.qkv_bias = False
     m.tie_embeddings = False
-    m.dtype = "float32"  # compute dtype; parameters are always float32
+    # The compute dtype (parameters are always float32): float32, bfloat16 or float16; "auto" = the backend's
+    # (docs/backends.md: float32 on CPUs and Apple GPUs, bfloat16 on NVIDIA/AMD GPUs and TPUs).
+    m.dtype = "auto"
     m.init_scheme = "gpt2"  # "gpt2": N(0, init_std); "pytorch": torch's nn.Linear/nn.Embedding defaults
     m.init_std = 0.02  # std of the normal init of weights in the "gpt2" scheme
     m.remat = False  # rematerialise each block in the backward pass (saves memory on long contexts)
     # "explicit": attention written out (dropout on the attention weights, the KV cache); "cudnn": cuDNN's
     # fused kernel through jax.nn.dot_product_attention (NVIDIA GPUs, 16-bit dtype); "xla": that function's
     # XLA lowering. The last two run passes without a KV cache (training, evaluation) and need drop_rate 0.
-    m.attention = "explicit"
+    # "auto" = the backend's where drop_rate is 0 (cudnn on NVIDIA GPUs that have it), else explicit.
+    m.attention = "auto"
 
     c.data = d = ml_collections.ConfigDict()
     # What to train on: "" = the bundled "The Verdict"; a text file; a folder (every data.glob file below it); a
@@ -117,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
     s.max_new_tokens = 50
     s.num_samples = 1
     s.seed = 123
+    # "device": the whole decoding loop on the device (lax.while_loop); "host": one jitted step per token called
+    # from Python; "auto" = the backend's (host on Apple GPUs, whose while_loop has crashed; device elsewhere).
+    s.decode_loop = "auto"
 
     c.eval = e = ml_collections.ConfigDict()
     e.text_file = ""  # the text evaluate reads; "" = the bundled verdict
@@ -155,9 +161,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(m.emb_dim % m.n_heads == 0, "model.emb_dim", f"must be divisible by model.n_heads={m.n_heads}")
     require(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
     require(m.init_scheme in ("gpt2", "pytorch"), "model.init_scheme", "use gpt2 or pytorch")
-    require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "use float32, bfloat16 or float16")
-    require(m.attention in ("explicit", "cudnn", "xla"), "model.attention", "use explicit, cudnn or xla")
-    require(m.attention == "explicit" or m.drop_rate == 0.0, "model.attention",
+    require(m.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
+            "use auto, float32, bfloat16 or float16")
+    require(m.attention in ("auto", "explicit", "cudnn", "xla"), "model.attention", "use auto, explicit, cudnn or xla")
+    require(m.attention in ("auto", "explicit") or m.drop_rate == 0.0, "model.attention",
             f"fused attention has no dropout on the attention weights; set --config.model.drop_rate=0.0 "
             f"(now {m.drop_rate}) or --config.model.attention=explicit")
     require(m.attention != "cudnn" or m.dtype != "float32", "model.attention",
@@ -193,6 +200,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
     require(s.max_new_tokens > 0, "sample.max_new_tokens", "must be positive")
     require(s.num_samples > 0, "sample.num_samples", "must be positive")
+    require(s.decode_loop in ("auto", "device", "host"), "sample.decode_loop", "use auto, device or host")
     require(c.eval.batch_size > 0, "eval.batch_size", "must be positive")
     require(c.eval.split in ("", "train", "val"), "eval.split", "use train, val or \"\" (eval.text_file)")
     require(bool(c.run_name) and "/" not in c.run_name, "run_name", "must be a non-empty name without '/'")
@@ -241,11 +249,11 @@ def changed_settings(saved: dict, config: ml_collections.ConfigDict, within: tup
                      ) -> list[str]:
     """"key: saved -> now" for each key of `config` whose value differs from the config a checkpoint saved; only
     the keys `within` names (a key or a group: "model.emb_dim", "train"), default all. A key the checkpoint lacks
-    (added to the project since) is the same setting if it has its default; where compiled programs are cached
-    is no setting of a run."""
+    (added to the project since) is the same setting if it has its default, or whatever the backend resolved a
+    default of "auto" to (`backends.resolve`); where compiled programs are cached is no setting of a run."""
     saved_flat, defaults = flatten(saved), flatten(base_config().to_dict())
     now = json.loads(json.dumps(flatten(config.to_dict())))  # as the checkpoint stored it (tuples as lists)
     return [f"{k}: {saved_flat.get(k)!r} -> {v!r}" for k, v in now.items()
             if (within is None or any(k == w or k.startswith(w + ".") for w in within))
             and not k.startswith("compilation_cache")
-            and saved_flat.get(k) != v and not (k not in saved_flat and v == defaults.get(k))]
+            and saved_flat.get(k) != v and not (k not in saved_flat and defaults.get(k) in (v, "auto"))]

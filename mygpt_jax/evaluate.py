@@ -24,7 +24,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mygpt_jax import corpus, data, hardware, prepare
+from mygpt_jax import backends, corpus, data, prepare
+from mygpt_jax.backends import Backend
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, ModelConfig
 from mygpt_jax.tokenizer import encode
@@ -49,14 +50,14 @@ def padded_windows(ids: list[int] | np.ndarray, context_length: int, batch_size:
     return windows, mask
 
 
-def evaluate_ids(cfg: ModelConfig, params: Any, ids: list[int] | np.ndarray, batch_size: int,
+def evaluate_ids(cfg: ModelConfig, backend: Backend, params: Any, ids: list[int] | np.ndarray, batch_size: int,
                  progress: bool = True) -> tuple[int, float]:
     """(number of predicted tokens, mean cross-entropy in nats)."""
     if len(ids) < 2:
         raise UserError("the text has fewer than 2 tokens; nothing to evaluate")
-    model = GPT(cfg)
+    model = GPT(cfg, backend)
 
-    @functools.partial(jax.jit, **hardware.jit_options())
+    @functools.partial(jax.jit, **backend.jit_options())
     def loss_sum(params: Any, windows: jax.Array, mask: jax.Array) -> jax.Array:
         logits, _ = model.apply({"params": params}, windows[:, :-1])
         return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]) * mask)
@@ -79,7 +80,7 @@ def main(config: ml_collections.ConfigDict) -> None:
         path = config.eval.text_file or data.default_text_path()
         ids = encode(data.load_text(path, key="eval.text_file"))
     cfg, params = load_model(config)
-    tokens, loss = evaluate_ids(cfg, params, ids, config.eval.batch_size)
+    tokens, loss = evaluate_ids(cfg, backends.current(), params, ids, config.eval.batch_size)
     perplexity = math.exp(loss)
     if config.eval.json:
         print(json.dumps({"tokens": tokens, "loss": loss, "perplexity": perplexity, "text_file": path}))

@@ -16,10 +16,11 @@ A sweep file is a small Python module (see experiments/) with module-level const
 A run's config is BASE, then the sweep defaults (no per-epoch sample, one checkpoint kept), then the
 command line's --config overrides, then the variant's overrides, then its identity: run_name
 "<variant>-s<seed>", train.seed and checkpoint_dir "<checkpoint_dir>/experiments/<sweep>". Every run is
-checked before anything trains. A finished run (summary.json at its last checkpoint) is skipped, an
-interrupted one resumes from its checkpoint, and a run that raises is recorded as failed while the sweep
-goes on. After each run the sweep directory gets results.csv (one row per run), results.md (mean ± std
-over seeds per variant), val_loss.png and best_val_loss.png.
+checked, and its "auto" values resolved for this backend, before anything trains. A finished run
+(summary.json at its last checkpoint) is skipped, an interrupted one resumes from its checkpoint, and a run
+that raises is recorded as failed while the sweep goes on. After each run the sweep directory gets
+results.csv (one row per run), results.md (mean ± std over seeds per variant), val_loss.png and
+best_val_loss.png.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, Sequence
 import ml_collections
 from absl import logging
 
-from mygpt_jax import checkpoint, hardware, plots, train
+from mygpt_jax import backends, checkpoint, hardware, plots, train
 from mygpt_jax.config import changed_settings, flatten, validate
 from mygpt_jax.errors import UserError
 
@@ -527,6 +528,13 @@ def main(argv: Sequence[str]) -> int:
     if dry:
         dry_run(plan)
         return 0
+    backend = backends.current()
+    print(backends.describe(), file=sys.stderr, flush=True)
+    for run in plan.runs:  # before finished_runs compares them with the checkpoints, which hold resolved values
+        try:
+            backends.resolve(run.config, backend)
+        except UserError as e:
+            raise UserError(f"{sweep.path}: run {run.name}: {e}") from None
     failed = run_sweep(plan)
     if failed:
         print(f"error: {failed} of {len(plan.runs)} runs failed; their errors are in results.md and results.csv",

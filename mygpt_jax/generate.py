@@ -1,15 +1,17 @@
 """Text generation with a KV cache: one prefill pass over the prompt, then one jitted step per token.
 
-`Generator.generate` runs the whole decode loop on the device (`lax.while_loop`); `Generator.stream`
-calls the same jitted step from Python and yields each token as it is made (for the chat). Shapes never
+`Generator.generate` runs the whole decode loop on the device (`lax.while_loop`, `decode_loop="device"`) or
+calls one jitted step per token from Python (`"host"`, for backends whose while_loop is not to be trusted:
+Metal); `Generator.stream` calls that step and yields each token as it is made (for the chat). Shapes never
 depend on the prompt length (prompts, and the KV cache's length, padded prompt plus new tokens, are
 rounded up to powers of two) or on the step, so nothing is recompiled per token or per prompt of a
 similar length.
 
 Decoding one sequence is bound by memory bandwidth: every token reads all the weights once. The weights
 are kept in the model's compute dtype, so a bfloat16 model (`--config.model.dtype=bfloat16`) streams half
-the bytes of a float32 one, with the same logits as casting them at every step, and with dense kernels
-transposed, the layout XLA:CPU's matrix-vector product reads fastest.
+the bytes of a float32 one, with the same logits as casting them at every step, and in the backend's decoding
+layout (`Backend.decode_layout`: on XLA:CPU dense kernels transposed, the layout its matrix-vector product reads
+fastest).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mygpt_jax.backends import Backend
 from mygpt_jax.errors import UserError
-from mygpt_jax.hardware import jit_options
-from mygpt_jax.model import GPT, KVCache, ModelConfig, decode_layout, init_cache
+from mygpt_jax.model import GPT, KVCache, ModelConfig, init_cache
 from mygpt_jax.tokenizer import END_OF_TEXT_ID
 
 
@@ -36,11 +38,17 @@ class SamplingSettings:
     max_new_tokens: int = 50
     num_samples: int = 1
     stop_token: int | None = END_OF_TEXT_ID
+    decode_loop: str = "device"  # "device": lax.while_loop; "host": a jitted step per token, called from Python
+
+    def __post_init__(self) -> None:
+        if self.decode_loop not in ("device", "host"):
+            raise ValueError(f"decode_loop {self.decode_loop!r}: resolve the config first (backends.resolve)")
 
     @classmethod
     def from_config(cls, sample: ml_collections.ConfigDict) -> "SamplingSettings":
         return cls(temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
-                   max_new_tokens=sample.max_new_tokens, num_samples=sample.num_samples)
+                   max_new_tokens=sample.max_new_tokens, num_samples=sample.num_samples,
+                   decode_loop=sample.decode_loop)
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, s: SamplingSettings) -> jax.Array:
@@ -91,15 +99,17 @@ def _bucket(n: int, context_length: int) -> int:
 
 
 class Generator:
-    """Completes token prompts with a trained model (parameters stay on the device between calls)."""
+    """Completes token prompts with a trained model (parameters stay on the device between calls), computing as
+    the `backend` profile says."""
 
-    def __init__(self, cfg: ModelConfig, params: Any, settings: SamplingSettings):
-        self.cfg, self.settings = cfg, settings
+    def __init__(self, cfg: ModelConfig, params: Any, settings: SamplingSettings, backend: Backend):
+        self.cfg, self.settings, self.backend, self.layout = cfg, settings, backend, backend.decode_layout
         self.params = params
-        self.model = GPT(cfg)
-        self._prefill = jax.jit(self._prefill_impl, static_argnums=(3, 4), **jit_options())
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,), **jit_options())
-        self._loop = jax.jit(self._loop_impl, donate_argnums=(1,), **jit_options())
+        self.model = GPT(cfg, backend.for_decoding())
+        options = backend.jit_options()
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(3, 4), **options)
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,), **options)
+        self._loop = jax.jit(self._loop_impl, donate_argnums=(1,), **options)
 
     @property
     def params(self) -> Any:
@@ -108,16 +118,20 @@ class Generator:
     @params.setter
     def params(self, params: Any) -> None:
         """Store the weights once as decoding reads them fastest: in the compute dtype (instead of casting them
-        at every token), dense kernels transposed (`model.decode_layout`)."""
+        at every token), in the backend's decoding layout (read back by `apply`)."""
         if params is not None:
-            params = decode_layout(jax.tree_util.tree_map(lambda p: p.astype(self.cfg.compute_dtype), params))
+            params = self.layout.store(jax.tree_util.tree_map(lambda p: p.astype(self.cfg.compute_dtype), params))
         self._params = params
+
+    def apply(self, params: Any, tokens: jax.Array, **kwargs: Any) -> tuple[jax.Array, Any]:
+        """The model on stored weights (`params`): inside a jitted step, where the layout's `load` costs nothing."""
+        return self.model.apply({"params": self.layout.load(params)}, tokens, **kwargs)
 
     def _prefill_impl(self, params: Any, padded: jax.Array, length: jax.Array, max_new: int, cache_length: int,
                       rng: jax.Array) -> DecodeState:
         batch = padded.shape[0]
         cache = init_cache(self.cfg, batch, length=cache_length)
-        logits, cache = self.model.apply({"params": params}, padded, cache=cache, cache_index=0)
+        logits, cache = self.apply(params, padded, cache=cache, cache_index=0)
         return DecodeState(cache, logits[jnp.arange(batch), length - 1], length, rng,
                            jnp.zeros((batch, max_new), jnp.int32), jnp.int32(0), jnp.zeros((batch,), bool))
 
@@ -127,8 +141,7 @@ class Generator:
         stop = self.settings.stop_token
         if stop is not None:
             token = jnp.where(state.done, stop, token)
-        logits, cache = self.model.apply({"params": params}, token[:, None], cache=state.cache,
-                                         cache_index=state.position)
+        logits, cache = self.apply(params, token[:, None], cache=state.cache, cache_index=state.position)
         done = state.done | (token == stop) if stop is not None else state.done
         return DecodeState(cache, logits[:, -1], state.position + 1, rng,
                            state.tokens.at[:, state.count].set(token), state.count + 1, done)
@@ -161,17 +174,26 @@ class Generator:
         return [row[:row.index(stop)] if stop in row else row for row in rows]
 
     def generate(self, prompt: list[int], rng: jax.Array) -> tuple[list[list[int]], list[str]]:
-        """New tokens of each sample (stop token excluded) and notes on cropping, all on the device."""
+        """New tokens of each sample (stop token excluded) and notes on cropping, decoded by the settings'
+        decode_loop."""
         state, notes = self._start(prompt, rng)
-        state = self._loop(self.params, state)
+        if self.settings.decode_loop == "device":
+            state = self._loop(self.params, state)
+        else:
+            for state in self._steps(state):
+                pass
         return self._trim(np.asarray(state.tokens)[:, :int(state.count)]), notes
 
     def stream(self, prompt: list[int], rng: jax.Array) -> Iterator[np.ndarray]:
         """Yield the next token of every sample, (num_samples,), until all stop or max_new_tokens."""
         state, _ = self._start(prompt, rng)
+        for state in self._steps(state):
+            yield np.asarray(state.tokens[:, state.count - 1])
+
+    def _steps(self, state: DecodeState) -> Iterator[DecodeState]:
+        """The state after each jitted step called from Python, until every sample stops or max_new_tokens."""
         for _ in range(state.tokens.shape[1]):
             state = self._step(self.params, state)
-            token = np.asarray(state.tokens[:, state.count - 1])
-            yield token
+            yield state
             if bool(np.all(state.done)):
                 return

@@ -7,17 +7,15 @@ logical axis names (`nn.with_logical_partitioning`) for sharding; `init_params` 
 Decoding uses an explicit KV cache: `GPT.__call__(tokens, cache=..., cache_index=i)` writes the new
 keys/values at positions i.. and returns the updated cache, so the decode step stays a pure function.
 
-For speed (measured by `python -m mygpt_jax.bench`): q/k/v come from one fused matmul, the cache keeps
-heads before positions so attention reads it without transposes, dropout masks come from a counter hash
-instead of threefry, on XLA:CPU dense layers take their weight gradients as plain matmuls (`matmul`;
-`hardware.jit_options()` holds the XLA settings the jitted steps use), and decoding reads dense kernels
-stored transposed (`Dense`, `decode_layout`).
+For speed (measured by `python -m mygpt_jax.bench`): q/k/v come from one fused matmul, and the cache keeps
+heads before positions so attention reads it without transposes. What differs between backends (the dropout
+layer, the dense layers' product, the attention the config resolves to) comes from the `backend` profile every
+module gets (mygpt_jax/backends/): the model itself is the same on every device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -26,8 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mygpt_jax import hardware
-from mygpt_jax.errors import UserError
+from mygpt_jax.backends.profile import STOCK, Backend, DecodeLayout, dense_dimensions
 
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon (Flax's default is 1e-6)
 
@@ -42,7 +39,7 @@ class ModelConfig:
     drop_rate: float = 0.1
     qkv_bias: bool = False
     tie_embeddings: bool = False
-    dtype: str = "float32"
+    dtype: str = "float32"  # the compute dtype (parameters are float32)
     init_std: float = 0.02
     init_scheme: str = "gpt2"
     remat: bool = False
@@ -53,6 +50,10 @@ class ModelConfig:
         """From a config's `model` section; keys it lacks (a checkpoint saved before they existed) get the
         defaults here."""
         return cls(**{f.name: model.get(f.name, f.default) for f in dataclasses.fields(cls)})
+
+    def __post_init__(self) -> None:
+        if "auto" in (self.dtype, self.attention):
+            raise ValueError("a config's 'auto' values are resolved first: backends.resolve(config, backend)")
 
     @property
     def head_dim(self) -> int:
@@ -79,87 +80,10 @@ def _uniform(bound: float) -> Callable:
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-@jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w, x (..., k) by w (k, n), as a dense layer computes it; only the backward pass differs.
-
-    Autodiff computes the weight gradient x^T @ dy as a product contracting the first axis of both
-    operands, which XLA:CPU hands to Eigen rather than YNNPACK: slower, and a third of a training step's
-    matmul FLOPs. Here x^T is materialised first (an optimization_barrier stops XLA folding the transpose
-    back into the product), so all three products are plain row-major matmuls. The seed-config step went
-    from 5.30 to 4.82 s (README). Values and gradients are autodiff's (tests/test_model.py). The model
-    uses it where `hardware.plain_weight_gradients()` says so (XLA:CPU), and plain x @ w elsewhere.
-    """
-    return x @ w
-
-
-def _matmul_forward(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return x @ w, (x, w)
-
-
-def _matmul_backward(saved: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, w = saved
-    dtype = jnp.result_type(x, w)  # what the forward product computed in
-    rows_x, rows_dy = x.reshape(-1, x.shape[-1]).astype(dtype), dy.reshape(-1, dy.shape[-1]).astype(dtype)
-    dw = jax.lax.optimization_barrier(rows_x.T) @ rows_dy
-    dx = dy.astype(dtype) @ w.T.astype(dtype)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-matmul.defvjp(_matmul_forward, _matmul_backward)
-
-
-def _product(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w for a dense layer or the tied head: through `matmul` where the backend wants it."""
-    return matmul(x, w) if hardware.plain_weight_gradients() else x @ w
-
-
-class Dense(nn.Module):
-    """x @ kernel + bias in the compute dtype with float32 parameters: nn.Dense, but for the kernel's layout.
-
-    The kernel is (in, features), as in OpenAI's checkpoint and nn.Dense. Given "kernel_t" (features, in)
-    instead (`decode_layout`, what the Generator stores), the product contracts that array's last axis:
-    XLA:CPU's matrix-vector products, all of decoding's work, read that layout faster (a float32 chain of
-    them streamed 17-20 GB/s against 13-15 for (in, features); decoding 1.12-1.27x faster, README). GPU
-    libraries take either layout; it is used on every backend.
-    """
-
-    features: int
-    dtype: Any
-    kernel_init: Callable
-    bias_init: Callable
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        if self.has_variable("params", "kernel_t"):
-            y = jnp.einsum("...k,nk->...n", x, self.get_variable("params", "kernel_t").astype(self.dtype))
-        else:
-            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-            y = _product(x, kernel.astype(self.dtype))
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
-        return y
-
-
-def decode_layout(params: Any) -> Any:
-    """The params with every dense kernel (in, features) stored transposed, as "kernel_t" (features, in): the
-    layout `Dense` reads fastest when decoding. The model runs on either; `logical_axes` describes the other."""
-    if not isinstance(params, Mapping):
-        return params
-    layout = {}
-    for name, value in params.items():
-        if name == "kernel":
-            layout["kernel_t"] = nn.meta.unbox(value).T
-        else:
-            layout[name] = decode_layout(value)
-    return layout
-
-
-def _dense(cfg: ModelConfig, fan_in: int, features: int, axes: tuple[str, str], name: str,
-           use_bias: bool = True, residual: bool = False) -> Dense:
-    """A linear layer initialised by `cfg.init_scheme`.
+def _dense(cfg: ModelConfig, backend: Backend, fan_in: int, features: int, axes: tuple[str, str], name: str,
+           use_bias: bool = True, residual: bool = False) -> nn.Dense:
+    """A linear layer in the compute dtype with float32 parameters, initialised by `cfg.init_scheme`, computing
+    its product with the backend's `dot_general`.
 
     "gpt2": N(0, init_std) weights, zero biases; projections into the residual stream scaled by
     1/sqrt(2 n_layers). "pytorch": nn.Linear's defaults, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights
@@ -170,8 +94,10 @@ def _dense(cfg: ModelConfig, fan_in: int, features: int, axes: tuple[str, str], 
     else:
         std = cfg.init_std / (2 * cfg.n_layers) ** 0.5 if residual else cfg.init_std
         kernel_init, bias_init = nn.initializers.normal(std), nn.initializers.zeros
-    return Dense(features, cfg.compute_dtype, nn.with_logical_partitioning(kernel_init, axes),
-                 nn.with_logical_partitioning(bias_init, (axes[1],)), use_bias=use_bias, name=name)
+    return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                    bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)), dot_general=backend.dot_general,
+                    name=name)
 
 
 def _embed(cfg: ModelConfig, num: int, axes: tuple[str, str], name: str) -> nn.Embed:
@@ -189,41 +115,6 @@ def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
     )
 
 
-def _fmix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser: a bijection that mixes every input bit into every output bit."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
-    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-class Dropout(nn.Module):
-    """nn.Dropout's semantics (zero with probability `rate`, scale the rest by 1 / (1 - rate)), cheaper bits.
-
-    jax.random draws one threefry number per element, ~60 ns each on XLA:CPU: over a second of every
-    seed-config step (28M numbers). Here the bits of element i are a counter hash,
-    fmix32(fmix32(i ^ s0) + s1), with (s0, s1) drawn from the usual "dropout" key: an elementwise
-    integer fusion that costs ~0.1 s per step, just as reproducible, and plenty random for a mask.
-    """
-
-    rate: float
-    counter_limit: int = 2 ** 32  # more elements than a uint32 counts: the leading index joins the hash
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        s0, s1 = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-        if x.size < self.counter_limit:
-            bits = _fmix32(_fmix32(jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) ^ s0) + s1)
-        else:  # element (i, j) of x as (shape[0], -1): the pairs are distinct where the flat counter would wrap
-            rows = x.shape[0]
-            i = jax.lax.broadcasted_iota(jnp.uint32, (rows, x.size // rows), 0)
-            j = jax.lax.broadcasted_iota(jnp.uint32, (rows, x.size // rows), 1)
-            bits = _fmix32(_fmix32(j ^ s0) + (s1 ^ _fmix32(i + s0))).reshape(x.shape)
-        keep = bits >= jnp.uint32(min(round(self.rate * 2.0 ** 32), 2 ** 32 - 1))
-        return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
-
-
 class MultiHeadAttention(nn.Module):
     """Causal self-attention with a fused q/k/v projection (OpenAI's c_attn).
 
@@ -232,40 +123,35 @@ class MultiHeadAttention(nn.Module):
     """
 
     cfg: ModelConfig
+    backend: Backend
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool, cache: KVCache | None = None,
                  cache_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         b, t, d = x.shape
-        qkv = _dense(cfg, d, 3 * d, ("embed", "qkv"), "c_attn", use_bias=cfg.qkv_bias)(x)
+        qkv = _dense(cfg, self.backend, d, 3 * d, ("embed", "qkv"), "c_attn", use_bias=cfg.qkv_bias)(x)
         qkv = qkv.reshape(b, t, 3 * cfg.n_heads, cfg.head_dim)
         if cache is None and cfg.attention != "explicit":
             out = _fused_attention(cfg, qkv)
         else:
-            out, cache = _explicit_attention(cfg, qkv, Dropout(cfg.drop_rate), deterministic, cache, cache_index)
-        out = _dense(cfg, d, d, ("heads", "embed"), "c_proj", residual=True)(out.reshape(b, t, d))
+            out, cache = _explicit_attention(cfg, qkv, self.backend.dropout(cfg.drop_rate), deterministic, cache,
+                                             cache_index)
+        out = _dense(cfg, self.backend, d, d, ("heads", "embed"), "c_proj", residual=True)(out.reshape(b, t, d))
         return out, cache
-
-
-def check_backend(cfg: ModelConfig) -> None:
-    """A UserError if this machine cannot run the model as configured (cuDNN attention without a GPU for it)."""
-    if cfg.attention == "cudnn" and not hardware.has_cudnn_attention():
-        raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 or later; this jax "
-                        f"runs on {hardware.device_name()}: use --config.model.attention=xla or explicit")
 
 
 def _fused_attention(cfg: ModelConfig, qkv: jax.Array) -> jax.Array:
     """Causal attention in one `jax.nn.dot_product_attention` call: qkv (batch, t, 3 heads, head_dim) ->
     (batch, t, heads, head_dim). `cfg.attention` names its implementation: "cudnn" is cuDNN's fused
     (flash) kernel on NVIDIA GPUs, "xla" JAX's own lowering. Neither drops attention weights out, so the
-    config allows them only with drop_rate 0 (`config.validate`)."""
+    config allows them only with drop_rate 0 (`config.validate`), and "cudnn" only on a GPU that has it
+    (`backends.resolve`)."""
     q, k, v = jnp.split(qkv, 3, axis=2)
-    check_backend(cfg)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
 
 
-def _explicit_attention(cfg: ModelConfig, qkv: jax.Array, dropout: Dropout, deterministic: bool,
+def _explicit_attention(cfg: ModelConfig, qkv: jax.Array, dropout: nn.Module, deterministic: bool,
                         cache: KVCache | None, cache_index: jax.Array | int) -> tuple[jax.Array, KVCache | None]:
     """Causal attention written out (scores, mask, softmax, dropout on the weights, weighted sum), reading
     and writing the KV cache: qkv (batch, t, 3 heads, head_dim) -> (batch, t, heads, head_dim), cache."""
@@ -296,36 +182,40 @@ class FeedForward(nn.Module):
     """Position-wise MLP: d -> 4d -> d with GPT-2's tanh-approximated GELU."""
 
     cfg: ModelConfig
+    backend: Backend
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        h = _dense(cfg, cfg.emb_dim, 4 * cfg.emb_dim, ("embed", "mlp"), "c_fc")(x)
+        h = _dense(cfg, self.backend, cfg.emb_dim, 4 * cfg.emb_dim, ("embed", "mlp"), "c_fc")(x)
         h = nn.gelu(h, approximate=True)
-        return _dense(cfg, 4 * cfg.emb_dim, cfg.emb_dim, ("mlp", "embed"), "c_proj", residual=True)(h)
+        return _dense(cfg, self.backend, 4 * cfg.emb_dim, cfg.emb_dim, ("mlp", "embed"), "c_proj", residual=True)(h)
 
 
 class TransformerBlock(nn.Module):
     """Pre-LN block: x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x)))."""
 
     cfg: ModelConfig
+    backend: Backend
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool, cache: KVCache | None = None,
                  cache_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
-        drop = Dropout(self.cfg.drop_rate)
-        h, cache = MultiHeadAttention(self.cfg, name="attn")(
+        drop = self.backend.dropout(self.cfg.drop_rate)
+        h, cache = MultiHeadAttention(self.cfg, self.backend, name="attn")(
             _layer_norm(self.cfg, "ln_1")(x), deterministic, cache, cache_index)
         x = x + drop(h, deterministic)
-        h = FeedForward(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
+        h = FeedForward(self.cfg, self.backend, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
         x = x + drop(h, deterministic)
         return x, cache
 
 
 class GPT(nn.Module):
-    """Token + learned position embeddings, n_layers pre-LN blocks, final LayerNorm, LM head."""
+    """Token + learned position embeddings, n_layers pre-LN blocks, final LayerNorm, LM head; computed as the
+    `backend` profile says (`backends.current()`; the Generator's is `backend.for_decoding()`)."""
 
     cfg: ModelConfig
+    backend: Backend
 
     @nn.compact
     def __call__(self, tokens: jax.Array, deterministic: bool = True, cache: list[KVCache] | None = None,
@@ -335,12 +225,12 @@ class GPT(nn.Module):
         wpe = _embed(cfg, cfg.context_length, ("context", "embed"), "wpe")
         positions = cache_index + jnp.arange(tokens.shape[1])
         x = wte(tokens) + wpe(positions)[None]
-        x = Dropout(cfg.drop_rate)(x, deterministic)
+        x = self.backend.dropout(cfg.drop_rate)(x, deterministic)
 
         block_cls = nn.remat(TransformerBlock, static_argnums=(2,)) if cfg.remat else TransformerBlock
         new_cache = []
         for i in range(cfg.n_layers):
-            x, layer_cache = block_cls(cfg, name=f"h_{i}")(
+            x, layer_cache = block_cls(cfg, self.backend, name=f"h_{i}")(
                 x, deterministic, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
 
@@ -348,26 +238,29 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             x, table = x.astype(cfg.compute_dtype), wte.embedding.astype(cfg.compute_dtype)
             # Decoding (with a cache) contracts wte's last axis in place: as x @ wte.T, XLA:CPU copied the
-            # transposed table for its matrix-vector product. Training keeps `_product`'s backward.
-            logits = jnp.einsum("btk,vk->btv", x, table) if cache is not None else _product(x, table.T)
+            # transposed table for its matrix-vector product. Other passes take the dense layers' product.
+            logits = (jnp.einsum("btk,vk->btv", x, table) if cache is not None
+                      else self.backend.dot_general(x, table.T, dense_dimensions(x.ndim)))
         else:
-            logits = _dense(cfg, cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), "lm_head", use_bias=False)(x)
+            logits = _dense(cfg, self.backend, cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), "lm_head",
+                            use_bias=False)(x)
         return logits.astype(jnp.float32), (None if cache is None else new_cache)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
-    """Random float32 parameters (plain arrays, logical-axis boxes removed)."""
+    """Random float32 parameters (plain arrays, logical-axis boxes removed); the same on every backend."""
     tokens = jnp.zeros((1, min(8, cfg.context_length)), jnp.int32)
-    variables = jax.jit(GPT(cfg).init)({"params": rng}, tokens)
+    variables = jax.jit(GPT(cfg, STOCK).init)({"params": rng}, tokens)
     return nn.meta.unbox(variables["params"])
 
 
-def logical_axes(cfg: ModelConfig) -> Any:
-    """The logical axis names of every parameter (same tree as `init_params`' params, not `decode_layout`'s),
-    for sharding rules."""
+def logical_axes(cfg: ModelConfig, layout: DecodeLayout | None = None) -> Any:
+    """The logical axis names of every parameter, for sharding rules: the tree of `init_params`' params, or
+    with a decoding layout (`backend.decode_layout`) the tree of the weights as the Generator stores them."""
     tokens = jnp.zeros((1, min(8, cfg.context_length)), jnp.int32)
-    boxed = jax.eval_shape(GPT(cfg).init, {"params": jax.random.key(0)}, tokens)["params"]
-    return nn.get_partition_spec(boxed)
+    boxed = jax.eval_shape(GPT(cfg, STOCK).init, {"params": jax.random.key(0)}, tokens)["params"]
+    axes = nn.get_partition_spec(boxed)
+    return axes if layout is None else layout.store(axes)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, *, length: int | None = None, dtype: Any = None) -> list[KVCache]:

@@ -15,7 +15,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from mygpt_jax import hardware
 from mygpt_jax.data import gather
 from mygpt_jax.model import GPT
 
@@ -98,14 +97,14 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation,
 def jit_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int,
                    profile: bool = False) -> Callable:
     """The train step as training runs it (and the bench times it): jitted whole, the state donated.
-    `profile=True` compiles it to record every XLA op in a profiler trace (`hardware.jit_options`)."""
+    `profile=True` compiles it to record every XLA op in a profiler trace (`Backend.jit_options`)."""
     return jax.jit(make_train_step(model, tx, grad_accum_steps), donate_argnums=(0,),
-                   **hardware.jit_options(profile))
+                   **model.backend.jit_options(profile))
 
 
 def jit_eval_step(model: GPT) -> Callable[[Any, jax.Array], jax.Array]:
     """(params, batch) -> the batch's mean loss, without dropout."""
-    return jax.jit(lambda params, batch: loss_fn(model, params, batch, None), **hardware.jit_options())
+    return jax.jit(lambda params, batch: loss_fn(model, params, batch, None), **model.backend.jit_options())
 
 
 def evaluate(eval_step: Callable, params: Any, tokens: np.ndarray, starts: np.ndarray, context_length: int,

@@ -26,12 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 import mygpt_jax
-from mygpt_jax import checkpoint, corpus, data, hardware, prepare, preemption, steps
+from mygpt_jax import backends, checkpoint, corpus, data, hardware, prepare, preemption, steps
 from mygpt_jax.config import changed_settings, run_folder
 from mygpt_jax.errors import Interrupted, UserError
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.metrics import Evaluator, MetricsLog
-from mygpt_jax.model import GPT, ModelConfig, check_backend, count_params, init_params, matmul_flops_per_token
+from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
 from mygpt_jax.plots import plot_losses
 from mygpt_jax.tokenizer import decode, encode
 
@@ -42,7 +42,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     """Train as the config says; returns the run summary (also written to <run dir>/summary.json)."""
     t = config.train
     cfg = ModelConfig.from_config(config.model)
-    check_backend(cfg)  # before anything is deleted or restored
     run_dir = _make_run_dir(config)
     with checkpoint.RunLock(run_dir):
         saved = _checkpoint_to_resume(config, run_dir)
@@ -66,7 +65,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                                                              t.eval_iter * t.batch_size, config.data.sampling == "random"))
                      for split, tokens in (("train", prepared.train), ("val", prepared.val))}
 
-        model = GPT(cfg)
+        backend = backends.current()
+        model = GPT(cfg, backend)
         tx = steps.create_optimizer(t, total_steps)
         lr = steps.learning_rate(t, total_steps)
         init_rng, dropout_rng = jax.random.split(jax.random.key(t.seed))
@@ -77,8 +77,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
 
         n_params = count_params(state.params)
         flops_per_token = matmul_flops_per_token(cfg)
-        peak_flops, peak_name = (hardware.flops_reference(cfg.dtype, t.flops_matmul_size) if t.flops_matmul_size
-                                 else (None, None))
+        peak_flops, peak_name = (hardware.flops_reference(cfg.dtype, t.flops_matmul_size, backend)
+                                 if t.flops_matmul_size else (None, None))
         if config.data.sampling == "epochs":
             print(f"Model: {n_params:,} parameters; {len(batches.starts)} training and "
                   f"{len(data.window_starts(len(prepared.val), cfg.context_length, stride))} validation windows of "
@@ -106,7 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         if wants_samples and not sample_prompt:
             print("No samples during training: --config.sample.prompt is empty")
         settings = dataclasses.replace(SamplingSettings.from_config(config.sample), num_samples=1)
-        generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, settings)
+        generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, settings, backend)
 
         eval_step = steps.jit_eval_step(model)
         next_batch = batches.batch(start) if start < total_steps else None

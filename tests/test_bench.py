@@ -6,7 +6,7 @@ import math
 import pytest
 
 from mygpt_jax import hardware
-from tests.utils import run_cli
+from tests.utils import after_the_device_line, run_cli
 
 FIELDS = ("train_tokens_per_s", "train_flops_fraction", "decode_tokens_per_s", "decode_bandwidth_fraction",
           "kv_cache_speedup", "compile_s", "device")
@@ -20,9 +20,10 @@ def test_bench_prints_valid_json_with_every_field():
     result = run_cli("bench", "--json", *(("--profile",) if PROFILES else ()), *SMALL, "--config.train.batch_size=2")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # stdout holds the JSON object and nothing else
+    assert after_the_device_line(result)[0].startswith("[bench] ")
     for field in FIELDS:
         assert field in report, field
-    assert report["device"].startswith("cpu")
+    assert report["device"].startswith("cpu") and report["decode_loop"] == "device"
     numbers = [report[f] for f in FIELDS if f != "device"]
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in numbers)
     assert report["num_params"] == 3_242_752 and report["batch_size"] == 2 and report["dtype"] == "float32"
@@ -44,7 +45,7 @@ def test_bench_prints_valid_json_with_every_field():
 def test_bench_profile_needs_a_jax_that_reads_traces():
     result = run_cli("bench", "--profile", *SMALL)
     assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
+    lines = after_the_device_line(result)
     assert len(lines) == 1 and "--profile needs" in lines[0], result.stderr
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from mygpt_jax import backends
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, init_params
 from mygpt_jax.pretrained.convert import convert_checkpoint, model_config_from_hparams, read_hparams
@@ -57,7 +58,7 @@ def numpy_gpt2(folder: Path, tokens: np.ndarray) -> np.ndarray:
 
 
 def assert_logits_match(folder: Path, cfg, params, tokens: np.ndarray) -> None:
-    logits, _ = GPT(cfg).apply({"params": params}, tokens)
+    logits, _ = GPT(cfg, backends.current()).apply({"params": params}, tokens)
     np.testing.assert_allclose(np.asarray(logits), numpy_gpt2(folder, tokens), rtol=0, atol=1e-4)
 
 

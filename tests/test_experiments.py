@@ -13,7 +13,7 @@ import pytest
 from mygpt_jax import checkpoint, experiments
 from mygpt_jax.config import base_config
 from mygpt_jax.errors import UserError
-from tests.utils import REPO, TINY, cli_env
+from tests.utils import REPO, TINY, after_the_device_line, cli_env
 
 FEW_STEPS = ["--config.train.max_steps=4", "--config.train.eval_freq=2"]
 COLUMNS = ["variant", "seed", "status", "data.train_ratio", "train.max_steps", "train.eval_freq", "best_val_loss",
@@ -107,7 +107,8 @@ def test_a_failing_variant_is_reported_and_the_others_complete(sweep, tmp_path):
     table = (sweep_dir.parent / "fails" / "results.md").read_text()
     assert "| nodata | /no/such/file.txt | 0/1 |" in table and "s1: data path /no/such/file.txt" in table
     assert "[2/2] fails nodata-s1 ... FAILED: data path /no/such/file.txt does not exist" in result.stdout
-    assert result.stderr.strip() == "error: 1 of 2 runs failed; their errors are in results.md and results.csv"
+    assert after_the_device_line(result) == [
+        "error: 1 of 2 runs failed; their errors are in results.md and results.csv"]
 
 
 def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path, capsys):

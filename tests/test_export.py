@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from configs.tiny import get_config
+from mygpt_jax import backends
 from mygpt_jax import tokenizer
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, ModelConfig
@@ -25,7 +26,7 @@ from mygpt_jax.pretrained.load import load_gpt2
 from mygpt_jax.weights import load_model
 from tests.conftest import hub_layout
 from tests.numpy_gpt2 import hub_tensors, hub_weights, logits, write_hub_folder
-from tests.utils import REPO, run_cli
+from tests.utils import REPO, after_the_device_line, run_cli
 
 GPT2 = f"{REPO}/configs/gpt2_124m.py"
 TEXT = "Every effort moves you toward the<|endoftext|> end."
@@ -43,6 +44,7 @@ def run(tmp_path_factory):
     assert f"exported to {out}; load it with transformers.GPT2LMHeadModel.from_pretrained" in exported.stderr
     config = get_config()
     config.checkpoint_dir = str(ckpt)
+    backends.resolve(config, backends.current())  # as the commands do at start-up
     cfg, params = load_model(config)
     return cfg, params, out
 
@@ -66,7 +68,7 @@ def test_the_exported_file_gives_the_models_logits(run, tokens):
     config = json.loads((out / "config.json").read_text())
     tensors = load_file(out / "model.safetensors")
     expected = logits(hub_weights(tensors), tokens, config["n_head"], config["n_layer"])
-    got, _ = GPT(cfg).apply({"params": params}, tokens)
+    got, _ = GPT(cfg, backends.current()).apply({"params": params}, tokens)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-4)
 
 
@@ -121,7 +123,7 @@ def test_pretrained_gpt2_from_the_hub_exports_its_own_tensors(http_server, tmp_p
 def test_export_without_a_folder_is_one_line(tmp_path):
     result = run_cli("export", f"--config.checkpoint_dir={tmp_path}")
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: no folder to export to; pass --config.export.dir=DIR"
+    assert after_the_device_line(result) == ["error: no folder to export to; pass --config.export.dir=DIR"]
 
 
 def test_a_padded_vocabulary_exports_its_real_rows(tmp_path):
@@ -163,7 +165,7 @@ def test_transformers_loads_the_export_and_gives_the_models_logits(run, tokens):
     model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
         got = model(torch.tensor(tokens)).logits.numpy()
-    expected, _ = GPT(cfg).apply({"params": params}, tokens)
+    expected, _ = GPT(cfg, backends.current()).apply({"params": params}, tokens)
     np.testing.assert_allclose(got, np.asarray(expected), rtol=0, atol=1e-4)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tokenizer(TEXT)["input_ids"] == tokenizer.encode(TEXT)

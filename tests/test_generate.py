@@ -5,17 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mygpt_jax import backends
 from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings, fit_prompt, sample_logits
 from mygpt_jax.model import GPT, ModelConfig, init_params
 
 CFG = ModelConfig(vocab_size=97, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+BACKEND = backends.current()
 
 
 def recompute_greedy(params, prompt, n):
     """Greedy decoding the slow way: the whole sequence through the model for every token."""
     ids = list(prompt)
-    apply = jax.jit(GPT(CFG).apply)
+    apply = jax.jit(GPT(CFG, BACKEND).apply)
     for _ in range(n):  # one fixed shape (causality makes the padding harmless): one compilation
         padded = np.zeros((1, CFG.context_length), np.int32)
         padded[0, :len(ids)] = ids
@@ -30,7 +32,7 @@ def test_kv_cache_decoding_equals_full_recompute(prompt_length, new_tokens, cach
     or a cache whose last position the last token fills."""
     params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
     prompt = [5, 17, 3, 88, 41, 60, 2, 9, 71, 33, 14, 96, 50, 8, 27, 64][:prompt_length]
-    generator = Generator(CFG, params, SamplingSettings(max_new_tokens=new_tokens, stop_token=None))
+    generator = Generator(CFG, params, SamplingSettings(max_new_tokens=new_tokens, stop_token=None), BACKEND)
     state, _ = generator._start(prompt, jax.random.key(0))
     assert state.cache[0].k.shape[2] == cache_length
     (cached,), notes = generator.generate(prompt, jax.random.key(0))
@@ -44,10 +46,10 @@ def test_kv_cache_decoding_equals_full_recompute(prompt_length, new_tokens, cach
 
 def test_stop_token_ends_generation():
     params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
-    free = Generator(CFG, params, SamplingSettings(max_new_tokens=20, stop_token=None))
+    free = Generator(CFG, params, SamplingSettings(max_new_tokens=20, stop_token=None), BACKEND)
     (ids,), _ = free.generate([1, 2, 3], jax.random.key(0))
     stop = ids[4]
-    stopping = Generator(CFG, params, SamplingSettings(max_new_tokens=20, stop_token=stop))
+    stopping = Generator(CFG, params, SamplingSettings(max_new_tokens=20, stop_token=stop), BACKEND)
     (cut,), _ = stopping.generate([1, 2, 3], jax.random.key(0))
     assert cut == ids[:ids.index(stop)]
 
@@ -55,7 +57,7 @@ def test_stop_token_ends_generation():
 def test_sampling_is_reproducible_from_the_seed_and_batches():
     params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
     s = SamplingSettings(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=15, num_samples=3, stop_token=None)
-    generator = Generator(CFG, params, s)
+    generator = Generator(CFG, params, s, BACKEND)
     a, _ = generator.generate([1, 2, 3], jax.random.key(7))
     b, _ = generator.generate([1, 2, 3], jax.random.key(7))
     c, _ = generator.generate([1, 2, 3], jax.random.key(8))
@@ -87,8 +89,23 @@ def test_long_prompts_keep_their_last_tokens():
 def test_bfloat16_decoding_streams_bfloat16_weights_and_gives_the_same_greedy_text():
     params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
     settings = SamplingSettings(max_new_tokens=30, stop_token=None)
-    (f32,), _ = Generator(CFG, params, settings).generate([5, 17, 3, 88, 41], jax.random.key(0))
-    bf16 = Generator(dataclasses.replace(CFG, dtype="bfloat16"), params, settings)
+    (f32,), _ = Generator(CFG, params, settings, BACKEND).generate([5, 17, 3, 88, 41], jax.random.key(0))
+    bf16 = Generator(dataclasses.replace(CFG, dtype="bfloat16"), params, settings, BACKEND)
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(bf16.params))
     (ids,), _ = bf16.generate([5, 17, 3, 88, 41], jax.random.key(0))
     assert ids == f32
+
+
+def test_the_host_decoding_loop_makes_the_device_loops_tokens():
+    """decode_loop="host" (one jitted step per token called from Python, Metal's) makes what the while_loop makes:
+    greedy, sampled, and stopped early; and never compiles the while_loop."""
+    params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
+    greedy = SamplingSettings(max_new_tokens=20, stop_token=None)
+    (free,), _ = Generator(CFG, params, greedy, BACKEND).generate([1, 2, 3], jax.random.key(0))
+    for settings in (greedy, dataclasses.replace(greedy, stop_token=free[4]),
+                     SamplingSettings(temperature=1.0, top_k=20, max_new_tokens=12, num_samples=2, stop_token=None)):
+        on_device, on_host = (Generator(CFG, params, dataclasses.replace(settings, decode_loop=loop), BACKEND)
+                              for loop in ("device", "host"))
+        assert on_host.generate([1, 2, 3], jax.random.key(4)) == on_device.generate([1, 2, 3], jax.random.key(4))
+        assert on_host._loop._cache_size() == 0 and on_device._loop._cache_size() == 1
+    assert len(on_host.generate([1, 2, 3], jax.random.key(4))[0][0]) == 12

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from mygpt_jax import backends
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT
 from mygpt_jax.pretrained.download import HUB_FILES, HUB_MODELS
@@ -33,7 +34,7 @@ def load(folder: Path, tmp_path: Path, **kw):
 
 
 def assert_logits_match(cfg, params, tensors: dict, tokens: np.ndarray) -> None:
-    out, _ = GPT(cfg).apply({"params": params}, tokens)
+    out, _ = GPT(cfg, backends.current()).apply({"params": params}, tokens)
     expected = logits(hub_weights(tensors), tokens, ARCH["n_head"], ARCH["n_layer"])
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-4)
 

@@ -1,4 +1,5 @@
-"""Bad input gets one `error: ...` line naming what to fix, before anything is compiled."""
+"""Bad input gets one `error: ...` line naming what to fix, before anything is compiled: the whole of stderr for a
+setting (checked before JAX starts), the line after the device line for what only a running command finds."""
 
 import subprocess
 import sys
@@ -11,24 +12,26 @@ from mygpt_jax import data, hardware
 from mygpt_jax.cli import CONFIG_FILE_HINT
 from mygpt_jax.config import validate
 from mygpt_jax.errors import UserError
-from tests.utils import REPO, cli_env, run_cli
+from tests.utils import REPO, after_the_device_line, cli_env, run_cli
 
 
-def one_line(result, status):
-    lines = result.stderr.strip().splitlines()
+def one_line(result, status, running=False):
+    """The error line; `running`: the command had started JAX, so the device line comes first."""
+    lines = after_the_device_line(result) if running else result.stderr.strip().splitlines()
     assert result.returncode == status and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 
 
 def test_a_missing_eval_text_file_names_eval_text_file():
     result = run_cli("evaluate", "--config.eval.text_file=/no/such/file.txt")
-    assert one_line(result, 1) == ("error: data file /no/such/file.txt does not exist; point "
+    assert one_line(result, 1, running=True) == ("error: data file /no/such/file.txt does not exist; point "
                                    "--config.eval.text_file at a UTF-8 text file")
 
 
 def test_a_folder_without_text_files_as_data_path_names_the_glob(tmp_path):
     result = run_cli("train", f"--config.data.path={tmp_path}", f"--config.checkpoint_dir={tmp_path}")
-    assert f"the folder {tmp_path} has no file matching --config.data.glob='**/*.txt'" in one_line(result, 1)
+    line = one_line(result, 1, running=True)
+    assert f"the folder {tmp_path} has no file matching --config.data.glob='**/*.txt'" in line
 
 
 def test_text_paths_expand_the_home_folder(tmp_path, monkeypatch):
@@ -92,7 +95,7 @@ def test_an_unwritable_compilation_cache_is_one_warning_and_off(tmp_path):
     folder = in_the_way / "xla"
     result = run_cli("train", f"--config.compilation_cache_dir={folder}", "--config.data.path=/no/such/file.txt",
                      f"--config.checkpoint_dir={tmp_path}")
-    lines = result.stderr.strip().splitlines()
+    lines = after_the_device_line(result)
     assert result.returncode == 1 and len(lines) == 2, result.stderr
     assert lines[0] == (f"warning: cannot write the compilation cache folder {folder} (Not a directory); running "
                         "without it; set --config.compilation_cache_dir to a writable folder or \"\" to turn it off")

@@ -17,7 +17,7 @@ from configs.tiny import get_config
 from mygpt_jax import corpus, prepare
 from mygpt_jax.errors import UserError
 from mygpt_jax.tokenizer import END_OF_TEXT_ID, get_tokenizer
-from tests.utils import in_small_filesystem, popen_cli, run_cli, words
+from tests.utils import after_the_device_line, in_small_filesystem, popen_cli, run_cli, words
 
 EOT = [END_OF_TEXT_ID]
 
@@ -166,7 +166,7 @@ def test_binary_and_non_utf8_files_in_a_folder_are_skipped_and_named(books, tmp_
 def test_a_folder_without_text_or_a_missing_path_is_one_line(tmp_path, setup, message):
     setup(tmp_path / "corpus")
     result = run_cli("prepare", f"--config.data.path={tmp_path / 'corpus'}", f"--config.checkpoint_dir={tmp_path}")
-    lines = result.stderr.strip().splitlines()
+    lines = after_the_device_line(result)
     assert result.returncode == 1 and len(lines) == 1 and message in lines[-1], result.stderr
 
 
@@ -237,6 +237,6 @@ def test_a_full_disk_while_preparing_is_one_line_and_keeps_nothing(tmp_path):
     cache.mkdir()
     result = in_small_filesystem(1, cache, [sys.executable, "-m", "mygpt_jax.prepare", "--config", "configs/tiny.py",
                                             f"--config.data.path={tmp_path / 'big'}", f"--config.data.cache_dir={cache}"])
-    lines = result.stderr.strip().splitlines()
+    lines = after_the_device_line(result)
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: the disk is full: no space left to write ") and "nothing was kept" in lines[0]

@@ -10,7 +10,7 @@ import pytest
 
 from mygpt_jax.tokenizer import encode
 from tests.openai_checkpoint import numpy_gpt2, openai_variables, write_checkpoint
-from tests.utils import REPO, run_cli
+from tests.utils import REPO, after_the_device_line, run_cli
 
 HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 4, "n_layer": 2}
 GPT2 = f"{REPO}/configs/gpt2_124m.py"
@@ -109,6 +109,6 @@ def test_no_network_is_one_clear_line(tmp_path):
     result = run_cli("sample", f"--config.checkpoint_dir={tmp_path}", "--config.weights_urls=http://127.0.0.1:9/x",
                      "--config.hub_url=http://127.0.0.1:9", "--config.sample.prompt=Hi", config=GPT2)
     assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
+    lines = after_the_device_line(result)
     assert len(lines) == 1 and lines[0].startswith("error: hub: could not download config.json for ")
     assert " | openai: could not download checkpoint for GPT-2 124M " in lines[0] and "weights_dir" in lines[0]

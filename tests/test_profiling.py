@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mygpt_jax import bench, hardware, profiling
+from mygpt_jax import backends, bench, hardware, profiling
 
 
 @pytest.mark.skipif(not hardware.can_read_profiles(), reason="this jax cannot read a profiler trace back")
 def test_op_seconds_finds_the_ops_of_a_jitted_function_and_the_report_lists_them():
-    layer = jax.jit(lambda x, w: jnp.tanh(x @ w).sum(), **hardware.jit_options(profile=True))
+    layer = jax.jit(lambda x, w: jnp.tanh(x @ w).sum(), **backends.current().jit_options(profile=True))
     x, w = jnp.ones((256, 512)), jnp.ones((512, 256))
     layer(x, w).block_until_ready()  # compile outside the trace
     ops = profiling.op_seconds(lambda: layer(x, w))

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from configs import tiny
+from mygpt_jax import backends
 from mygpt_jax.model import ModelConfig, init_params, logical_axes
 from tests.utils import REPO, cli_env
 
@@ -28,7 +29,9 @@ MESHES = {"data": ((2, 1), ()),
 
 
 def tiny_model() -> ModelConfig:
-    return dataclasses.replace(ModelConfig.from_config(tiny.get_config().model), vocab_size=512, n_layers=1)
+    config = tiny.get_config()
+    backends.resolve(config, backends.current())
+    return dataclasses.replace(ModelConfig.from_config(config.model), vocab_size=512, n_layers=1)
 
 
 def sharded_steps() -> dict:
@@ -42,7 +45,7 @@ def sharded_steps() -> dict:
 
     cfg = tiny_model()
     tx = steps.create_optimizer(tiny.get_config().train, total_steps=2)
-    train_step = steps.make_train_step(GPT(cfg), tx, grad_accum_steps=1)
+    train_step = steps.make_train_step(GPT(cfg, backends.current()), tx, grad_accum_steps=1)
     params = init_params(cfg, jax.random.key(0))
     batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, cfg.context_length + 1), dtype=np.int32)
     # Made under jit, the optimizer state lies where the parameters lie.

@@ -8,12 +8,13 @@ import time
 
 import pytest
 
+from mygpt_jax import checkpoint
+from mygpt_jax.backends import has_cudnn_attention
 from mygpt_jax.data import default_text_path, load_text
 from mygpt_jax.errors import UserError
-from mygpt_jax.hardware import has_cudnn_attention
 from mygpt_jax.preemption import StopSignals
+from tests.utils import after_the_device_line, popen_cli, read_metrics, run_cli
 from tests.utils import checkpoint_steps as steps
-from tests.utils import popen_cli, read_metrics, run_cli
 
 RUN = ["--config.train.num_epochs=2", "--config.train.eval_freq=5", "--config.train.checkpoint_every=10",
        "--config.sample.num_samples=2"]  # the sample command's setting: training still prints one per epoch
@@ -51,6 +52,7 @@ def test_the_default_compilation_cache_follows_xdg_cache_home(compilation_cache)
 def test_train_prints_losses_samples_and_writes_run_dir(full_run):
     ckpt, result = full_run
     run_dir = ckpt / "tiny"
+    after_the_device_line(result)  # printed first on stderr; stdout is the run's own
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"Prepared {ckpt}/data/the-verdict-") and "(split by characters)" in lines[0]
     assert lines[1].startswith("Model: 3,242,752 parameters")
@@ -67,6 +69,9 @@ def test_train_prints_losses_samples_and_writes_run_dir(full_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["updates"] == 72 and summary["num_params"] == 3_242_752
     assert steps(run_dir)[-1] == 72
+    saved = checkpoint.restore_meta(str(run_dir))["config"]  # what "auto" became on this machine's backend
+    assert (saved["model"]["dtype"], saved["model"]["attention"], saved["sample"]["decode_loop"]) == (
+        "float32", "explicit", "device")
 
 
 def test_a_resume_with_another_batch_size_and_no_prompt_goes_on_where_it_stopped(tmp_path):
@@ -142,11 +147,11 @@ def test_resuming_names_the_settings_changed_since_the_checkpoint(full_run, tmp_
     assert "Settings changed since that checkpoint: train.learning_rate: 0.0004 -> 0.001" in noted.stdout
     # A warmup schedule adds a step counter to the optimizer state: the checkpoint cannot hold it.
     refused = run_cli("train", f"--config.checkpoint_dir={tmp_path}", *RUN, "--config.train.warmup_steps=5")
-    lines = refused.stderr.strip().splitlines()
+    lines = after_the_device_line(refused)
     assert refused.returncode == 1 and len(lines) == 1, refused.stderr
     assert "does not fit settings changed since it was saved (train.warmup_steps: 0 -> 5)" in lines[0]
     other_model = run_cli("train", f"--config.checkpoint_dir={tmp_path}", *RUN, "--config.model.n_layers=3")
-    lines = other_model.stderr.strip().splitlines()
+    lines = after_the_device_line(other_model)
     assert other_model.returncode == 1 and len(lines) == 1, other_model.stderr
     assert "was trained with another model (model.n_layers: 2 -> 3)" in lines[0]
 
@@ -158,7 +163,7 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_one_before(full_run, tmp_pa
         manifest.write_bytes(b"not a manifest")
     for _ in range(2):  # the noise it once printed came in some runs only
         result = run_cli("sample", f"--config.checkpoint_dir={tmp_path}")
-        lines = result.stderr.strip().splitlines()
+        lines = after_the_device_line(result)
         assert result.returncode == 1 and len(lines) == 1, result.stderr
         assert f"checkpoint {tmp_path}/tiny/{last} could not be restored" in lines[0]
         assert f"delete that folder to use step {before} instead" in lines[0] and len(lines[0]) < 500
@@ -169,7 +174,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_no_broken_checkpoint(tmp_
            "--config.train.checkpoint_every=1", "--config.train.flops_matmul_size=0"]
     # Caught by a checkpoint (no evaluation until update 11): the non-finite state is not saved.
     result = run_cli("train", *run, "--config.train.eval_freq=10")
-    lines = result.stderr.strip().splitlines()
+    lines = after_the_device_line(result)
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     bad = int(lines[0].split("the parameters are not finite at update ")[1].split(":")[0])
     assert f"training diverged (the checkpoint of update {bad - 1} is kept; " in lines[0]
@@ -177,7 +182,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_no_broken_checkpoint(tmp_
     assert steps(tmp_path / "tiny")[-1] == bad - 1
     # Caught by an evaluation, resumed from that checkpoint: the loss is named and nothing more is saved.
     result = run_cli("train", *run, "--config.train.eval_freq=1")
-    lines = result.stderr.strip().splitlines()
+    lines = after_the_device_line(result)
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert f"the loss is nan at update {bad}: training diverged (the checkpoint of update {bad - 1} is kept" \
            in lines[0] and steps(tmp_path / "tiny")[-1] == bad - 1
@@ -187,6 +192,7 @@ def test_sample_completes_the_prompt_from_the_checkpoint(full_run):
     ckpt, train_result = full_run
     result = run_cli("sample", f"--config.checkpoint_dir={ckpt}")
     assert result.returncode == 0, result.stderr
+    assert after_the_device_line(result)[0].startswith(f"loaded {ckpt}/tiny (update 72)")
     last_training_sample = [l for l in train_result.stdout.splitlines() if l.startswith("Every effort")][-1]
     # greedy decoding of the same weights: the same text the training loop printed after its last epoch
     assert result.stdout.replace("\n", " ").strip() == last_training_sample.strip()
@@ -195,26 +201,32 @@ def test_sample_completes_the_prompt_from_the_checkpoint(full_run):
 def test_sample_without_a_checkpoint_says_how_to_make_one(tmp_path):
     result = run_cli("sample", f"--config.checkpoint_dir={tmp_path}")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
+    assert after_the_device_line(result) == [
         f"error: no checkpoint in {tmp_path}/tiny; create it with: python -m mygpt_jax.train --config "
         f"{os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'tiny.py')}"]
 
 
-@pytest.mark.parametrize("args, status, message", [
-    (["--config.train.num_epochz=3"], 2, "unknown config key 'train.num_epochz' (did you mean 'train.num_epochs'?)"),
-    (["--config.train.num_epochs=three"], 2, "--config.train.num_epochs=three"),
-    (["--config.model.n_heads=5"], 1, "--config.model.emb_dim=32 is invalid: must be divisible by model.n_heads=5"),
-    (["--config.data.path=/no/such/file.txt"], 1, "data path /no/such/file.txt does not exist"),
-    (["--config.checkpoint_dir=/proc/mygpt_jax"], 1, "cannot create the run folder /proc/mygpt_jax/tiny"),
+# Settings are checked before JAX starts: their errors are the whole of stderr. Those found once it runs (files,
+# the device) follow the device line.
+@pytest.mark.parametrize("args, status, message, running", [
+    (["--config.train.num_epochz=3"], 2, "unknown config key 'train.num_epochz' (did you mean 'train.num_epochs'?)",
+     False),
+    (["--config.train.num_epochs=three"], 2, "--config.train.num_epochs=three", False),
+    (["--config.model.n_heads=5"], 1, "--config.model.emb_dim=32 is invalid: must be divisible by model.n_heads=5",
+     False),
+    (["--config.data.path=/no/such/file.txt"], 1, "data path /no/such/file.txt does not exist", True),
+    (["--config.checkpoint_dir=/proc/mygpt_jax"], 1, "cannot create the run folder /proc/mygpt_jax/tiny", True),
     (["--config.model.attention=xla"], 1, "fused attention has no dropout on the attention weights; set "
-                                          "--config.model.drop_rate=0.0 (now 0.1)"),
+                                          "--config.model.drop_rate=0.0 (now 0.1)", False),
+    (["--config.sample.decode_loop=python"], 1, "--config.sample.decode_loop='python' is invalid: use auto, device "
+                                                "or host", False),
     pytest.param(["--config.model.attention=cudnn", "--config.model.drop_rate=0", "--config.model.dtype=bfloat16"],
                  1, "model.attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 or later; this jax "
-                    "runs on cpu",
+                    "runs on cpu", True,
                  marks=pytest.mark.skipif(has_cudnn_attention(), reason="this machine runs cuDNN attention")),
 ])
-def test_bad_input_gets_one_line(args, status, message, tmp_path):
+def test_bad_input_gets_one_line(args, status, message, running, tmp_path):
     result = run_cli("train", f"--config.checkpoint_dir={tmp_path}", *args)
     assert result.returncode == status
-    lines = result.stderr.strip().splitlines()
+    lines = after_the_device_line(result) if running else result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

@@ -15,7 +15,7 @@ import pytest
 
 from mygpt_jax import corpus
 from tests.utils import checkpoint_steps as steps
-from tests.utils import in_small_filesystem, popen_cli, read_metrics, run_cli, words
+from tests.utils import after_the_device_line, in_small_filesystem, popen_cli, read_metrics, run_cli, words
 
 RANDOM = ["--config.data.sampling=random", "--config.train.max_steps=24", "--config.train.eval_freq=8",
           "--config.train.checkpoint_every=100", "--config.train.flops_matmul_size=0", "--config.sample.prompt=the",
@@ -98,7 +98,7 @@ def test_a_changed_corpus_stops_a_resume_unless_allowed(tmp_path):
     book.write_text(book.read_text() + " an added ending")
     more = [*args, "--config.train.max_steps=8"]
     refused = run_cli("train", *more)
-    lines = refused.stderr.strip().splitlines()
+    lines = after_the_device_line(refused)
     assert refused.returncode == 1 and len(lines) == 1, refused.stderr
     assert lines[0] == ("error: the corpus changed since the checkpoint of update 4 (shelf1/book1.txt changed); "
                         "rerun with --config.data.allow_changes=True to train on the corpus as it is now, or start "
@@ -120,7 +120,7 @@ def test_a_second_training_of_the_same_run_stops_at_once_naming_the_first(librar
             assert first.poll() is None, first.communicate()
             time.sleep(0.05)
         second = run_cli("train", *args)
-        lines = second.stderr.strip().splitlines()
+        lines = after_the_device_line(second)
         assert second.returncode == 1 and len(lines) == 1, second.stderr
         assert lines[0].startswith(f"error: {tmp_path}/tiny is being trained by process {first.pid} on "
                                    f"{socket.gethostname()}, started 20") and "another --config.run_name" in lines[0]
@@ -206,7 +206,7 @@ def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):
     result = in_small_filesystem(6, ckpt, [sys.executable, "-m", "mygpt_jax.train", "--config", "configs/tiny.py",
                                            f"--config.checkpoint_dir={ckpt}", "--config.train.flops_matmul_size=0",
                                            "--config.train.max_steps=3", "--config.compilation_cache_dir="])
-    lines = result.stderr.strip().splitlines()
+    lines = after_the_device_line(result)
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0] == (f"error: the disk is full: checkpoint 3 could not be written to {ckpt}/tiny (no checkpoint "
                         "was kept); free some space and rerun the same command to resume")

@@ -64,3 +64,13 @@ def in_small_filesystem(megabytes: int, folder, command: list[str]) -> subproces
     script = f'mount -t tmpfs -o size={megabytes}m tmpfs "{folder}" && exec "$@"'
     return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", *command],
                           cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def after_the_device_line(result: subprocess.CompletedProcess) -> list[str]:
+    """The lines of a command's stderr after its first, which must be the backend and its devices
+    (`backends.describe()`): every command prints it once JAX runs, before anything else of its own."""
+    from mygpt_jax.backends import describe
+
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[0] == describe(), result.stderr
+    return lines[1:]
