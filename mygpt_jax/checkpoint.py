@@ -23,6 +23,7 @@ import sys
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
@@ -140,7 +141,9 @@ def restore_train_state(run_dir: str, abstract_params: Any, abstract_opt_state: 
     says whether they fit, comes from `restore_meta`."""
     restored = _restore(run_dir, step, params=ocp.args.StandardRestore(_on_device(abstract_params)),
                         opt_state=ocp.args.StandardRestore(_on_device(abstract_opt_state)))
-    return restored["params"], restored["opt_state"]
+    # Copied into buffers of XLA's own: training donates the state to its step, and donating the restored
+    # buffers themselves corrupted the heap with jax 0.5.0 and Orbax 0.11.5 (a resumed run crashed or went nan).
+    return jax.tree.map(jnp.copy, (restored["params"], restored["opt_state"]))
 
 
 def restore_params(run_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, dict]:
