@@ -33,13 +33,14 @@ def get_config():
     c.train.learning_rate = 1e-3
     c.train.beta2 = 0.99
     c.train.weight_decay_params = "matrices"
-    c.train.warmup_steps = 50
+    c.train.warmup_steps = 30
     c.train.grad_clip = 1.0
-    c.train.max_steps = 1200
-    c.train.eval_freq = 100
-    c.train.eval_iter = 10
-    c.train.checkpoint_every = 200
-    c.train.sample_every = 400
-    c.sample.prompt = "def "
+    c.train.max_steps = 300  # 1.2M tokens, a fifth of the training split
+    c.train.eval_freq = 50
+    c.train.eval_iter = 5  # 80 windows of each split, spread over it
+    c.train.checkpoint_every = 100
+    c.train.sample_every = 100
+    c.sample.prompt = "def read_config(path):"
     c.sample.max_new_tokens = 60
+    c.sample.temperature, c.sample.top_k = 0.8, 40
     return c

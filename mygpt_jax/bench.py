@@ -3,6 +3,8 @@
     python -m mygpt_jax.bench --config configs/verdict.py
     python -m mygpt_jax.bench --config configs/verdict.py --config.model.dtype=bfloat16 --json
     python -m mygpt_jax.bench --config configs/tiny.py --prepare        # the data instead: mygpt_jax/bench_data.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mygpt_jax.bench --config configs/gpt2_1558m.py \
+      --config.mesh.data=1 --config.mesh.fsdp=8 --memory                 # per-device memory on a mesh
 
 Measured in this order, on JAX's default device, each after a warm-up, with compile times kept apart:
 
@@ -46,7 +48,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from mygpt_jax import backends, hardware, profiling, steps
+from mygpt_jax import backends, hardware, profiling, sharding, steps
 from mygpt_jax.backends import Backend
 from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings
@@ -64,6 +66,8 @@ _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square mat
                                     lower_bound=1)
 _PROFILE = flags.DEFINE_bool("profile", False, "Also time one train step op by op (jax.profiler) and report where "
                               "its time goes.")
+_MEMORY = flags.DEFINE_bool("memory", False, "Report instead the per-device bytes of the train state and the compiled "
+                            "step on the config's mesh (XLA's memory analysis: nothing is allocated).")
 _PREPARE = flags.DEFINE_bool("prepare", False, "Benchmark the data instead: corpus preparation, training from a "
                              "memory map, start-up (mygpt_jax/bench_data.py).")
 _PREPARE_MB = flags.DEFINE_list("prepare_mb", ["20", "200"], "Sizes of the corpora --prepare generates (MB).")
@@ -94,16 +98,21 @@ def weight_bytes_per_token(cfg: ModelConfig, params: Any) -> int:
 
 def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: Backend, n_steps: int,
                 profile: bool = False) -> dict[str, Any]:
-    """Tokens/s and FLOP/s of the jitted train step (train.py's), compile time apart; with `profile`, also
-    {XLA op kind: (seconds, count)} of one more step (`profiling.op_seconds`)."""
+    """Tokens/s and FLOP/s of the jitted train step as train.py runs it (on the config's mesh, the state made and
+    the step jitted with its shardings), compile time apart; with `profile`, also {XLA op kind: (seconds,
+    count)} of one more step (`profiling.op_seconds`)."""
     t = config.train
+    mesh = sharding.make_mesh(config.mesh)
     tx = steps.create_optimizer(t, total_steps=n_steps + t.warmup_steps + 2)
-    step = steps.jit_train_step(GPT(cfg, backend), tx, t.grad_accum_steps)
-    params = init_params(cfg, jax.random.key(t.seed))
-    num_params = count_params(params)
-    state = steps.TrainState(jnp.int32(0), params, tx.init(params))
-    batch = jax.random.randint(jax.random.key(1), (t.batch_size, cfg.context_length + 1), 0, cfg.vocab_size)
-    rng = jax.random.key(2)
+    shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
+    step = steps.jit_train_step(sharding.model_on(mesh, cfg, backend), tx, t.grad_accum_steps,
+                                state_shardings=shardings, batch_sharding=batch_sharding)
+    state = steps.init_state(cfg, tx, jax.random.key(t.seed), shardings)
+    num_params = count_params(state.params)
+    batch = jax.device_put(jax.random.randint(jax.random.key(1), (t.grad_accum_steps, t.batch_size // t.grad_accum_steps,
+                                                                  cfg.context_length + 1), 0, cfg.vocab_size),
+                           batch_sharding)
+    rng = sharding.put(jax.random.key(2), sharding.replicated(mesh))
 
     start = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()
@@ -123,12 +132,59 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: Ba
               "train_tokens_per_s": tokens_per_s, "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
     if profile:
         _progress("train step: compiling it to record its ops, then one profiled step")
-        profiled_step = steps.jit_train_step(GPT(cfg, backend), tx, t.grad_accum_steps, profile=True).lower(
-            state, batch, rng).compile()
+        profiled_step = steps.jit_train_step(sharding.model_on(mesh, cfg, backend), tx, t.grad_accum_steps,
+                                             profile=True, state_shardings=shardings,
+                                             batch_sharding=batch_sharding).lower(state, batch, rng).compile()
         state, metrics = profiled_step(state, batch, rng)  # warm-up
         jax.block_until_ready(metrics)
         result["train_profile"] = profiling.op_seconds(lambda: profiled_step(state, batch, rng)[1])
     return result
+
+
+def bench_memory(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: Backend) -> dict[str, Any]:
+    """Per-device bytes of the train state (parameters and optimizer state) on the config's mesh, from the
+    shards' shapes, against the whole state; and the compiled train step's memory analysis. Only shapes are
+    made, so any model size can be measured with CPU devices standing in for accelerators."""
+    t = config.train
+    mesh = sharding.make_mesh(config.mesh)
+    micro = t.batch_size // t.grad_accum_steps
+    sharding.check_fits(cfg, mesh, micro, f"--config.train.batch_size={t.batch_size} / train.grad_accum_steps")
+    tx = steps.create_optimizer(t, total_steps=1000)
+    shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
+
+    def placed(abstract: Any, where: Any) -> Any:
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, where)
+
+    abstract = jax.eval_shape(lambda: steps.new_state(init_params(cfg, jax.random.key(0)), tx))
+    state = placed(abstract, shardings)
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
+    batch = jax.ShapeDtypeStruct((t.grad_accum_steps, micro, cfg.context_length + 1), jnp.int32, sharding=batch_sharding)
+    rng = placed(jax.eval_shape(lambda: jax.random.key(0)), sharding.replicated(mesh))
+    _progress(f"compiling the train step on the mesh {dict(mesh.shape)} for its memory analysis")
+    step = steps.jit_train_step(sharding.model_on(mesh, cfg, backend), tx, t.grad_accum_steps,
+                                state_shardings=shardings, batch_sharding=batch_sharding)
+    analysis = step.lower(state, batch, rng).compile().memory_analysis()
+    per_device = sharding.shard_bytes(state)
+    result = {"mesh": dict(mesh.shape), "devices": mesh.size, "num_params": count_params(abstract.params),
+              "state_bytes_total": whole, "state_bytes_per_device": per_device, "state_fraction": per_device / whole}
+    if analysis is not None:  # per device: the step's arguments (the state, the batch), outputs and temporaries
+        result.update(step_argument_bytes=analysis.argument_size_in_bytes, step_output_bytes=analysis.output_size_in_bytes,
+                      step_alias_bytes=analysis.alias_size_in_bytes, step_temp_bytes=analysis.temp_size_in_bytes,
+                      step_peak_bytes=analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                      - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+    return result
+
+
+def memory_report(r: dict[str, Any]) -> str:
+    lines = [f"mesh {r['mesh']} ({r['devices']} devices), {r['num_params']:,} parameters: train state "
+             f"{r['state_bytes_per_device'] / 1e9:.3f} GB per device of {r['state_bytes_total'] / 1e9:.3f} GB "
+             f"({r['state_fraction']:.4f}; 1/{r['devices']} = {1 / r['devices']:.4f})"]
+    if "step_peak_bytes" in r:
+        lines.append(f"compiled train step per device: arguments {r['step_argument_bytes'] / 1e9:.3f} GB, outputs "
+                     f"{r['step_output_bytes'] / 1e9:.3f} GB ({r['step_alias_bytes'] / 1e9:.3f} GB of them in the donated "
+                     f"arguments), temporaries {r['step_temp_bytes'] / 1e9:.3f} GB: {r['step_peak_bytes'] / 1e9:.3f} GB "
+                     "in all")
+    return "\n".join(lines)
 
 
 def recompute_decode(generator: Generator, prompt: list[int], n_tokens: int) -> tuple[list[int], float, float]:
@@ -261,6 +317,10 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main(config: ml_collections.ConfigDict) -> None:
+    if _MEMORY.value:
+        result = bench_memory(config, ModelConfig.from_config(config.model), backends.current())
+        print(json.dumps(result) if _JSON.value else memory_report(result))
+        return
     if _PREPARE.value:
         from mygpt_jax import bench_data
         from mygpt_jax.cli import config_path

@@ -18,7 +18,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mygpt_jax import backends, hardware
+from mygpt_jax import backends, distributed, hardware
 from mygpt_jax.config import validate
 from mygpt_jax.errors import Interrupted, UserError
 
@@ -84,6 +84,7 @@ def run(main: Callable[[ml_collections.ConfigDict], None], compilation_cache: bo
         logging.set_verbosity(logging.WARNING)  # Orbax and absl are chatty at INFO
         try:
             validate(config)
+            distributed.initialize(config.distributed)  # before anything starts JAX's backends
             backend = backends.current()
             print(backends.describe(), file=sys.stderr, flush=True)
             backends.resolve(config, backend)

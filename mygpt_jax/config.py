@@ -63,6 +63,26 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA lowering. The last two run passes without a KV cache (training, evaluation) and need drop_rate 0.
     # "auto" = the backend's where drop_rate is 0 (cudnn on NVIDIA GPUs that have it), else explicit.
     m.attention = "auto"
+    # Pad the token embedding and the LM head to a multiple of this many rows (1 = off: 50257; 128 = nanoGPT's
+    # 50304), for mesh.tensor to split them and for speed; padding rows are never predicted nor exported.
+    m.vocab_multiple = 1
+
+    # The devices as a (data, fsdp, tensor) mesh (docs/scaling.md): data splits the batch (throughput), fsdp the
+    # batch and the parameters and optimizer state (memory), tensor the MLP, heads and vocabulary (very wide
+    # models). -1 = the devices the other two leave; the default puts every device on data.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # Several processes (hosts) of one run, joined by jax.distributed before anything else touches JAX. A single
+    # process never initializes it.
+    c.distributed = g = ml_collections.ConfigDict()
+    g.coordinator_address = ""  # host:port of process 0, e.g. 10.0.0.1:1234
+    g.num_processes = 1
+    g.process_id = 0
+    g.auto = False  # take all three from the cluster's environment (SLURM, TPU pods, Open MPI), as jax detects them
+    g.timeout_s = 600  # for the processes to find each other, and for each collective (a slow compile included)
 
     c.data = d = ml_collections.ConfigDict()
     # What to train on: "" = the bundled "The Verdict"; a text file; a folder (every data.glob file below it); a
@@ -156,6 +176,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     m, t, s = c.model, c.train, c.sample
     for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
         require(m[key] > 0, f"model.{key}", "must be a positive integer")
+    require(m.vocab_multiple >= 1, "model.vocab_multiple", "must be >= 1 (1 = no padding)")
+    for axis in ("data", "fsdp", "tensor"):
+        require(c.mesh[axis] == -1 or c.mesh[axis] >= 1, f"mesh.{axis}", "must be a positive size, or -1 (the "
+                "devices the other axes leave)")
+    g = c.distributed
+    require(g.num_processes >= 1, "distributed.num_processes", "must be >= 1")
+    require(0 <= g.process_id < g.num_processes, "distributed.process_id",
+            f"must be in [0, distributed.num_processes={g.num_processes})")
+    require(g.num_processes == 1 or g.auto or ":" in g.coordinator_address, "distributed.coordinator_address",
+            "several processes need the host:port of process 0")
+    require(g.timeout_s > 0, "distributed.timeout_s", "must be positive")
     require(m.vocab_size >= VOCAB_SIZE, "model.vocab_size",
             f"the GPT-2 tokenizer's ids go up to {VOCAB_SIZE - 1}, so it must be at least {VOCAB_SIZE}")
     require(m.emb_dim % m.n_heads == 0, "model.emb_dim", f"must be divisible by model.n_heads={m.n_heads}")

@@ -90,11 +90,15 @@ class EpochBatches:
         left_in_anchor_epoch = (len(self.starts) - self.anchor_windows) // self.batch_size
         return self.anchor_step + left_in_anchor_epoch + (epochs - 1 - self.anchor_epoch) * self.steps_per_epoch
 
-    def batch(self, step: int) -> np.ndarray:
+    def starts_of(self, step: int) -> np.ndarray:
+        """The offsets of the windows of step `step`'s batch: (batch_size,)."""
         epoch, done = self.position(step)
         if self._order is None or self._order[0] != epoch:
             self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
-        return gather(self.tokens, self.starts[self._order[1][done:done + self.batch_size]], self.context_length)
+        return self.starts[self._order[1][done:done + self.batch_size]]
+
+    def batch(self, step: int) -> np.ndarray:
+        return gather(self.tokens, self.starts_of(step), self.context_length)
 
 
 class RandomBatches:
@@ -103,10 +107,12 @@ class RandomBatches:
     def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int):
         self.tokens, self.context_length, self.batch_size, self.seed = tokens, context_length, batch_size, seed
 
-    def batch(self, step: int) -> np.ndarray:
+    def starts_of(self, step: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.tokens) - self.context_length, self.batch_size)
-        return gather(self.tokens, starts, self.context_length)
+        return rng.integers(0, len(self.tokens) - self.context_length, self.batch_size)
+
+    def batch(self, step: int) -> np.ndarray:
+        return gather(self.tokens, self.starts_of(step), self.context_length)
 
 
 def evaluation_windows(tokens: np.ndarray, context_length: int, stride: int, count: int, spread: bool

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mygpt_jax import backends, corpus, data, prepare
+from mygpt_jax import backends, corpus, data, prepare, sharding
 from mygpt_jax.backends import Backend
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, ModelConfig
@@ -51,7 +51,7 @@ def padded_windows(ids: list[int] | np.ndarray, context_length: int, batch_size:
 
 
 def evaluate_ids(cfg: ModelConfig, backend: Backend, params: Any, ids: list[int] | np.ndarray, batch_size: int,
-                 progress: bool = True) -> tuple[int, float]:
+                 progress: bool = True, mesh: Any = None) -> tuple[int, float]:
     """(number of predicted tokens, mean cross-entropy in nats)."""
     if len(ids) < 2:
         raise UserError("the text has fewer than 2 tokens; nothing to evaluate")
@@ -66,7 +66,10 @@ def evaluate_ids(cfg: ModelConfig, backend: Backend, params: Any, ids: list[int]
     total = jnp.zeros(())
     for i in tqdm(range(0, len(windows), batch_size), unit="batch", disable=not progress or None,
                   file=sys.stderr):
-        total = total + loss_sum(params, windows[i:i + batch_size], mask[i:i + batch_size])
+        batch = (windows[i:i + batch_size], mask[i:i + batch_size])
+        if mesh is not None:  # the batch's rows split over the mesh, as the weights are
+            batch = tuple(sharding.place_rows(part, mesh) for part in batch)
+        total = total + loss_sum(params, *batch)
     count = int(mask.sum())
     return count, float(total) / count
 
@@ -79,8 +82,9 @@ def main(config: ml_collections.ConfigDict) -> None:
     else:
         path = config.eval.text_file or data.default_text_path()
         ids = encode(data.load_text(path, key="eval.text_file"))
-    cfg, params = load_model(config)
-    tokens, loss = evaluate_ids(cfg, backends.current(), params, ids, config.eval.batch_size)
+    mesh = sharding.make_mesh(config.mesh)
+    cfg, params = load_model(config, mesh)
+    tokens, loss = evaluate_ids(cfg, backends.current(), params, ids, config.eval.batch_size, mesh=mesh)
     perplexity = math.exp(loss)
     if config.eval.json:
         print(json.dumps({"tokens": tokens, "loss": loss, "perplexity": perplexity, "text_file": path}))

@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mygpt_jax.backends import Backend
+from mygpt_jax import sharding
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, KVCache, ModelConfig, init_cache
 from mygpt_jax.tokenizer import END_OF_TEXT_ID
@@ -92,6 +94,11 @@ def fit_prompt(ids: list[int], context_length: int, max_new_tokens: int) -> tupl
                      f"new tokens fit the context of {context_length}")
         ids = ids[-room:]
     return ids, max_new_tokens, notes
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A decoding output as NumPy on every process, also where it lies on several processes' devices."""
+    return np.asarray(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
 
 
 def _bucket(n: int, context_length: int) -> int:
@@ -165,8 +172,16 @@ class Generator:
         # made the 124M model ~11% slower). It changes length only where the prompt's bucket does, so a
         # chat recompiles the decoding step only when it recompiles the prefill.
         cache_length = _bucket(padded.shape[1] + max_new, self.cfg.context_length)
-        return self._prefill(self.params, jnp.asarray(padded), jnp.int32(len(prompt)), max_new, cache_length,
-                             rng), notes
+        return self._prefill(self.params, self._replicated(padded), self._replicated(np.int32(len(prompt))), max_new,
+                             cache_length, self._replicated(rng)), notes
+
+    def _replicated(self, x: Any) -> jax.Array:
+        """An input of the decoding steps: on this process's device, or, when the weights span several processes'
+        devices (a run on many hosts), the same value on every device of their mesh."""
+        leaf = jax.tree_util.tree_leaves(self.params)[0]
+        if leaf.is_fully_addressable:
+            return jnp.asarray(x)
+        return sharding.put(x, jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec()))
 
     def _trim(self, tokens: np.ndarray) -> list[list[int]]:
         stop = self.settings.stop_token
@@ -182,18 +197,18 @@ class Generator:
         else:
             for state in self._steps(state):
                 pass
-        return self._trim(np.asarray(state.tokens)[:, :int(state.count)]), notes
+        return self._trim(_to_host(state.tokens)[:, :int(state.count)]), notes
 
     def stream(self, prompt: list[int], rng: jax.Array) -> Iterator[np.ndarray]:
         """Yield the next token of every sample, (num_samples,), until all stop or max_new_tokens."""
         state, _ = self._start(prompt, rng)
         for state in self._steps(state):
-            yield np.asarray(state.tokens[:, state.count - 1])
+            yield _to_host(state.tokens)[:, int(state.count) - 1]
 
     def _steps(self, state: DecodeState) -> Iterator[DecodeState]:
         """The state after each jitted step called from Python, until every sample stops or max_new_tokens."""
         for _ in range(state.tokens.shape[1]):
             state = self._step(self.params, state)
             yield state
-            if bool(np.all(state.done)):
+            if bool(np.all(_to_host(state.done))):
                 return

@@ -44,6 +44,7 @@ class ModelConfig:
     init_scheme: str = "gpt2"
     remat: bool = False
     attention: str = "explicit"  # or "cudnn", "xla": jax.nn.dot_product_attention (MultiHeadAttention)
+    vocab_multiple: int = 1  # the embedding and head rows are padded to a multiple of this (never predicted)
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict) -> "ModelConfig":
@@ -54,6 +55,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if "auto" in (self.dtype, self.attention):
             raise ValueError("a config's 'auto' values are resolved first: backends.resolve(config, backend)")
+
+    @property
+    def padded_vocab(self) -> int:
+        """The rows of the token embedding and the LM head: vocab_size rounded up to vocab_multiple (nanoGPT's
+        50304 for 128), so that mesh.tensor can split them and their products tile evenly."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def head_dim(self) -> int:
@@ -210,28 +217,36 @@ class TransformerBlock(nn.Module):
         return x, cache
 
 
+def _unconstrained(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+    return x
+
+
 class GPT(nn.Module):
     """Token + learned position embeddings, n_layers pre-LN blocks, final LayerNorm, LM head; computed as the
-    `backend` profile says (`backends.current()`; the Generator's is `backend.for_decoding()`)."""
+    `backend` profile says (`backends.current()`; the Generator's is `backend.for_decoding()`). Training on a
+    mesh passes `constrain` (`sharding.activation_constraint`), which lays out the residual stream and the
+    logits by their logical axis names; the model itself knows no mesh."""
 
     cfg: ModelConfig
     backend: Backend
+    constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] = _unconstrained
 
     @nn.compact
     def __call__(self, tokens: jax.Array, deterministic: bool = True, cache: list[KVCache] | None = None,
                  cache_index: jax.Array | int = 0) -> tuple[jax.Array, list[KVCache] | None]:
         cfg = self.cfg
-        wte = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "wte")
+        wte = _embed(cfg, cfg.padded_vocab, ("vocab", "embed"), "wte")
         wpe = _embed(cfg, cfg.context_length, ("context", "embed"), "wpe")
         positions = cache_index + jnp.arange(tokens.shape[1])
         x = wte(tokens) + wpe(positions)[None]
         x = self.backend.dropout(cfg.drop_rate)(x, deterministic)
+        stream = ("activation_batch", "activation_length", "activation_embed")
 
         block_cls = nn.remat(TransformerBlock, static_argnums=(2,)) if cfg.remat else TransformerBlock
         new_cache = []
         for i in range(cfg.n_layers):
             x, layer_cache = block_cls(cfg, self.backend, name=f"h_{i}")(
-                x, deterministic, None if cache is None else cache[i], cache_index)
+                self.constrain(x, stream), deterministic, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
 
         x = _layer_norm(cfg, "ln_f")(x)
@@ -242,9 +257,13 @@ class GPT(nn.Module):
             logits = (jnp.einsum("btk,vk->btv", x, table) if cache is not None
                       else self.backend.dot_general(x, table.T, dense_dimensions(x.ndim)))
         else:
-            logits = _dense(cfg, self.backend, cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), "lm_head",
+            logits = _dense(cfg, self.backend, cfg.emb_dim, cfg.padded_vocab, ("embed", "vocab"), "lm_head",
                             use_bias=False)(x)
-        return logits.astype(jnp.float32), (None if cache is None else new_cache)
+        logits = self.constrain(logits.astype(jnp.float32),
+                                ("activation_batch", "activation_length", "activation_vocab"))
+        if cfg.padded_vocab > cfg.vocab_size:  # padding rows are never predicted: not in the loss, not sampled
+            logits = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits, -jnp.inf)
+        return logits, (None if cache is None else new_cache)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
@@ -254,13 +273,28 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
     return nn.meta.unbox(variables["params"])
 
 
+def boxed_params(cfg: ModelConfig) -> Any:
+    """The parameters' shapes (ShapeDtypeStructs, nothing computed) in their logical-axis boxes."""
+    tokens = jnp.zeros((1, min(8, cfg.context_length)), jnp.int32)
+    return jax.eval_shape(GPT(cfg, STOCK).init, {"params": jax.random.key(0)}, tokens)["params"]
+
+
 def logical_axes(cfg: ModelConfig, layout: DecodeLayout | None = None) -> Any:
     """The logical axis names of every parameter, for sharding rules: the tree of `init_params`' params, or
     with a decoding layout (`backend.decode_layout`) the tree of the weights as the Generator stores them."""
-    tokens = jnp.zeros((1, min(8, cfg.context_length)), jnp.int32)
-    boxed = jax.eval_shape(GPT(cfg, STOCK).init, {"params": jax.random.key(0)}, tokens)["params"]
-    axes = nn.get_partition_spec(boxed)
+    axes = nn.get_partition_spec(boxed_params(cfg))
     return axes if layout is None else layout.store(axes)
+
+
+def pad_vocab(cfg: ModelConfig, params: Any) -> Any:
+    """Weights of `cfg.vocab_size` rows (pretrained GPT-2's) with zero rows added up to `cfg.padded_vocab`."""
+    def pad(table: Any) -> Any:
+        return jnp.pad(table, [(0, cfg.padded_vocab - table.shape[0]), (0, 0)])
+
+    params = dict(params, wte={"embedding": pad(params["wte"]["embedding"])})
+    if "lm_head" in params:
+        params["lm_head"] = {"kernel": pad(params["lm_head"]["kernel"].T).T}
+    return params
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, *, length: int | None = None, dtype: Any = None) -> list[KVCache]:
@@ -286,5 +320,5 @@ def matmul_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     t = seq_len or cfg.context_length
     d, L = cfg.emb_dim, cfg.n_layers
     per_layer = d * 3 * d + d * d + d * 4 * d + 4 * d * d
-    matmul_params = L * per_layer + d * cfg.vocab_size
+    matmul_params = L * per_layer + d * cfg.padded_vocab
     return 6 * matmul_params + 12 * L * d * t

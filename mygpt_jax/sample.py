@@ -16,7 +16,7 @@ import time
 import jax
 import ml_collections
 
-from mygpt_jax import backends
+from mygpt_jax import backends, sharding
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.tokenizer import decode, encode, get_tokenizer
 from mygpt_jax.weights import load_model
@@ -83,7 +83,7 @@ def chat(generator: Generator, rng: jax.Array) -> None:
 
 
 def main(config: ml_collections.ConfigDict) -> None:
-    cfg, params = load_model(config)
+    cfg, params = load_model(config, sharding.make_mesh(config.mesh))
     generator = Generator(cfg, params, SamplingSettings.from_config(config.sample), backends.current())
     del params  # the generator keeps its own copy, laid out for decoding
     rng = jax.random.key(config.sample.seed)

@@ -12,11 +12,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from mygpt_jax.data import gather
-from mygpt_jax.model import GPT
+from mygpt_jax.model import GPT, ModelConfig, init_params
 
 
 @flax.struct.dataclass
@@ -24,6 +22,16 @@ class TrainState:
     step: jax.Array  # number of parameter updates done
     params: Any
     opt_state: Any
+
+
+def new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, shardings: TrainState
+               ) -> TrainState:
+    """A fresh state made where `shardings` lay it out (`sharding.state_shardings`), never whole on one device."""
+    return jax.jit(lambda rng: new_state(init_params(cfg, rng), tx), out_shardings=shardings)(rng)
 
 
 def learning_rate(t: ml_collections.ConfigDict, total_steps: int) -> optax.ScalarOrSchedule:
@@ -62,28 +70,33 @@ def loss_fn(model: GPT, params: Any, batch: jax.Array, rng: jax.Array | None) ->
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def make_train_step(model: GPT, tx: optax.GradientTransformation,
-                    grad_accum_steps: int) -> Callable[[TrainState, jax.Array, jax.Array], tuple]:
+def make_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int,
+                    param_shardings: Any = None) -> Callable[[TrainState, jax.Array, jax.Array], tuple]:
     """A pure step (state, batch, rng) -> (state, metrics); the dropout key is fold_in(rng, step).
 
-    With grad_accum_steps > 1 the batch is split into that many micro-batches whose gradients are
-    averaged inside the same compiled function (lax.scan), before one optimizer update.
+    The batch is (rows, tokens), or (micro-batches, rows, tokens) as training lays it out on a mesh (every
+    micro-batch spread over every device). With grad_accum_steps > 1 the micro-batches' gradients are averaged
+    inside the same compiled function (lax.scan), before one optimizer update; with `param_shardings` their sum
+    is kept laid out as the parameters are (XLA would make it replicated).
     """
     grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(model, p, b, r))
 
     def train_step(state: TrainState, batch: jax.Array, rng: jax.Array) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(rng, state.step)
+        micro = batch.reshape(grad_accum_steps, -1, batch.shape[-1])
         if grad_accum_steps == 1:
-            loss, grads = grad_fn(state.params, batch, rng)
+            loss, grads = grad_fn(state.params, micro[0], rng)
         else:
-            micro = batch.reshape(grad_accum_steps, -1, batch.shape[-1])
 
             def accumulate(carry, xs):
                 i, b = xs
                 loss, grads = grad_fn(state.params, b, jax.random.fold_in(rng, i))
                 return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
 
-            zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            if param_shardings is not None:
+                zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+            zeros = (jnp.zeros(()), zeros)
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
             loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -95,26 +108,20 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation,
 
 
 def jit_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int,
-                   profile: bool = False) -> Callable:
-    """The train step as training runs it (and the bench times it): jitted whole, the state donated.
-    `profile=True` compiles it to record every XLA op in a profiler trace (`Backend.jit_options`)."""
-    return jax.jit(make_train_step(model, tx, grad_accum_steps), donate_argnums=(0,),
+                   profile: bool = False, state_shardings: Any = None, batch_sharding: Any = None) -> Callable:
+    """The train step as training runs it (and the bench times it): jitted whole, the state donated; on a mesh
+    with the state's and the batch's shardings in and the state's out, so its second call runs its first's
+    program. `profile=True` compiles it to record every XLA op in a profiler trace (`Backend.jit_options`)."""
+    placed = {}
+    if state_shardings is not None:
+        replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+        placed = {"in_shardings": (state_shardings, batch_sharding, replicated),
+                  "out_shardings": (state_shardings, replicated)}
+    return jax.jit(make_train_step(model, tx, grad_accum_steps, None if state_shardings is None else
+                                   state_shardings.params), donate_argnums=(0,), **placed,
                    **model.backend.jit_options(profile))
 
 
 def jit_eval_step(model: GPT) -> Callable[[Any, jax.Array], jax.Array]:
     """(params, batch) -> the batch's mean loss, without dropout."""
     return jax.jit(lambda params, batch: loss_fn(model, params, batch, None), **model.backend.jit_options())
-
-
-def evaluate(eval_step: Callable, params: Any, tokens: np.ndarray, starts: np.ndarray, context_length: int,
-             batch_size: int, micro_batch_size: int) -> float:
-    """The mean of per-batch mean losses over the windows at `starts` (the seed's calc_loss_loader), each
-    batch evaluated in micro-batches (a whole batch's logits may not fit where its gradients were accumulated)."""
-    batch_losses = []
-    for i in range(0, len(starts), batch_size):
-        batch = starts[i:i + batch_size]
-        micro = [eval_step(params, jnp.asarray(gather(tokens, batch[j:j + micro_batch_size], context_length)))
-                 for j in range(0, len(batch), micro_batch_size)]
-        batch_losses.append(micro)
-    return float(np.mean([np.mean(jax.device_get(m)) for m in batch_losses]))

@@ -12,6 +12,7 @@ Step numbering follows the seed: "Step N" is printed after the (N+1)-th paramete
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,12 +27,12 @@ import numpy as np
 from tqdm import tqdm
 
 import mygpt_jax
-from mygpt_jax import backends, checkpoint, corpus, data, hardware, prepare, preemption, steps
+from mygpt_jax import backends, checkpoint, corpus, data, distributed, hardware, prepare, preemption, sharding, steps
 from mygpt_jax.config import changed_settings, run_folder
 from mygpt_jax.errors import Interrupted, UserError
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.metrics import Evaluator, MetricsLog
-from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
+from mygpt_jax.model import ModelConfig, count_params, init_params, matmul_flops_per_token, pad_vocab
 from mygpt_jax.plots import plot_losses
 from mygpt_jax.tokenizer import decode, encode
 
@@ -42,10 +43,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     """Train as the config says; returns the run summary (also written to <run dir>/summary.json)."""
     t = config.train
     cfg = ModelConfig.from_config(config.model)
+    primary = distributed.is_primary()  # every process trains; the first alone writes what a person reads
+    say = print if primary else _quiet
+    mesh = sharding.make_mesh(config.mesh)
+    micro_batch = t.batch_size // t.grad_accum_steps
+    sharding.check_fits(cfg, mesh, micro_batch, f"--config.train.batch_size={t.batch_size} / "
+                                                f"train.grad_accum_steps={t.grad_accum_steps}")
     run_dir = _make_run_dir(config)
-    with checkpoint.RunLock(run_dir):
-        saved = _checkpoint_to_resume(config, run_dir)
-        prepared = _prepared_corpus(config, saved)
+    with checkpoint.RunLock(run_dir) if primary else contextlib.nullcontext():
+        saved = _checkpoint_to_resume(config, run_dir, say)
+        prepared = _prepared_corpus(config, saved, say)
         for name, split in (("training", prepared.train), ("validation", prepared.val)):
             data.check_split(name, len(split), cfg.context_length, prepared.folder)
         stride = config.data.stride or cfg.context_length
@@ -61,39 +68,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
             batches = data.RandomBatches(prepared.train, cfg.context_length, t.batch_size, t.seed)
             total_steps = t.max_steps
         # The same windows at every evaluation: the first of each split (epochs), or spread over it (random).
+        spread = config.data.sampling == "random"
         eval_sets = {split: (tokens, data.evaluation_windows(tokens, cfg.context_length, stride,
-                                                             t.eval_iter * t.batch_size, config.data.sampling == "random"))
+                                                             t.eval_iter * t.batch_size, spread))
                      for split, tokens in (("train", prepared.train), ("val", prepared.val))}
 
         backend = backends.current()
-        model = GPT(cfg, backend)
+        model = sharding.model_on(mesh, cfg, backend)
         tx = steps.create_optimizer(t, total_steps)
         lr = steps.learning_rate(t, total_steps)
+        state_shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
         init_rng, dropout_rng = jax.random.split(jax.random.key(t.seed))
-        state = _initial_state(config, cfg, tx, init_rng, run_dir, saved)
+        dropout_rng = sharding.put(dropout_rng, sharding.replicated(mesh))
+        state = _initial_state(config, cfg, tx, init_rng, run_dir, saved, state_shardings, say)
         tokens_seen = saved["tokens_seen"] if saved else 0
         start = int(state.step)
-        log = MetricsLog(run_dir, start if saved else None, t.tensorboard)
+        log = MetricsLog(run_dir, start if saved else None, t.tensorboard, enabled=primary)
 
         n_params = count_params(state.params)
         flops_per_token = matmul_flops_per_token(cfg)
         peak_flops, peak_name = (hardware.flops_reference(cfg.dtype, t.flops_matmul_size, backend)
                                  if t.flops_matmul_size else (None, None))
+        devices = f" on {mesh.size} devices (mesh {_mesh_shape(mesh)})" if mesh.size > 1 else ""
         if config.data.sampling == "epochs":
-            print(f"Model: {n_params:,} parameters; {len(batches.starts)} training and "
+            say(f"Model: {n_params:,} parameters{devices}; {len(batches.starts)} training and "
                   f"{len(data.window_starts(len(prepared.val), cfg.context_length, stride))} validation windows of "
                   f"{cfg.context_length} tokens; {batches.steps_per_epoch} steps per epoch, {total_steps} in all")
         else:
-            print(f"Model: {n_params:,} parameters; {len(prepared.train):,} training and {len(prepared.val):,} "
+            say(f"Model: {n_params:,} parameters{devices}; {len(prepared.train):,} training and {len(prepared.val):,} "
                   f"validation tokens, random windows of {cfg.context_length}; {total_steps} steps")
         if peak_flops:
-            print(f"Speed: {flops_per_token / 1e9:.3f} GFLOP per token (matmuls only), shown as a fraction of "
+            say(f"Speed: {flops_per_token / 1e9:.3f} GFLOP per token (matmuls only), shown as a fraction of "
                   f"{peak_name}, {peak_flops / 1e9:,.0f} GFLOP/s")
 
         summary_path = os.path.join(run_dir, "summary.json")
         if start >= total_steps:
             limit = "max_steps" if t.max_steps and t.max_steps <= total_steps else "num_epochs"
-            print(f"{run_dir} is already trained ({start} updates); raise --config.train.{limit} to train "
+            say(f"{run_dir} is already trained ({start} updates); raise --config.train.{limit} to train "
                   "on, or start fresh with --config.train.resume=False")
             if os.path.exists(summary_path):
                 with open(summary_path) as f:
@@ -104,32 +115,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         wants_samples = (config.data.sampling == "epochs" and t.sample_every_epoch) or t.sample_every > 0
         sample_prompt = config.sample.prompt if wants_samples else ""
         if wants_samples and not sample_prompt:
-            print("No samples during training: --config.sample.prompt is empty")
+            say("No samples during training: --config.sample.prompt is empty")
         settings = dataclasses.replace(SamplingSettings.from_config(config.sample), num_samples=1)
         generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, settings, backend)
 
         eval_step = steps.jit_eval_step(model)
-        next_batch = batches.batch(start) if start < total_steps else None
+        next_batch = _step_batch(batches, start, t.grad_accum_steps, batch_sharding)
         compile_start = time.time()
-        train_step = steps.jit_train_step(model, tx, t.grad_accum_steps).lower(
-            state, jnp.asarray(next_batch if next_batch is not None else batches.batch(0)), dropout_rng).compile()
+        train_step = steps.jit_train_step(model, tx, t.grad_accum_steps, state_shardings=state_shardings,
+                                          batch_sharding=batch_sharding).lower(state, next_batch, dropout_rng).compile()
         compile_s = time.time() - compile_start
+        distributed.barrier("compiled")  # then every process's first step starts together
         startup_s = time.time() - mygpt_jax.STARTED - compile_s
 
         saved_step = saved["step"] if saved else None
         epochs = config.data.sampling == "epochs"
         data_meta = {"fingerprint": prepared.fingerprint, "folder": prepared.folder}
         run_meta = {"rng": np.asarray(jax.random.key_data(dropout_rng)).tolist(), "config": config.to_dict()}
-        evaluator = Evaluator(eval_step, eval_sets, cfg.context_length, t.batch_size, t.batch_size // t.grad_accum_steps,
-                              flops_per_token, peak_flops, lr, tokens_seen, log.records)
-        bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, disable=None, file=sys.stderr)
+        evaluator = Evaluator(eval_step, eval_sets, cfg.context_length, t.batch_size, micro_batch, mesh, flops_per_token,
+                              peak_flops, lr, tokens_seen, log.records)
+        bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, disable=None if primary else True,
+                   file=sys.stderr)
 
         with preemption.StopSignals() as stop:
             for step in range(start, total_steps):
-                batch = next_batch
-                state, metrics = train_step(state, jnp.asarray(batch), dropout_rng)
-                tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
-                next_batch = batches.batch(step + 1) if step + 1 < total_steps else None  # while the device runs
+                state, metrics = train_step(state, next_batch, dropout_rng)
+                tokens_seen += t.batch_size * cfg.context_length
+                if step + 1 < total_steps:  # gathered while the device runs the step
+                    next_batch = _step_batch(batches, step + 1, t.grad_accum_steps, batch_sharding)
                 bar.update(1)
                 epoch = batches.position(step).epoch + 1 if epochs else None
                 position = {"position": list(batches.position(step + 1)) if epochs else None}
@@ -139,20 +152,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                 if (step + 1) % t.checkpoint_every == 0:
                     saved_step = _save(run_dir, state, saved_step, t, {
                         "tokens_seen": tokens_seen, **run_meta, "data": {**data_meta, **position}})
-                if sample_prompt and not stop.requested and (
+                stopping = stop.should_stop(step)  # every process asks at every step
+                if sample_prompt and not stopping and (
                         (epochs and t.sample_every_epoch and batches.ends_epoch(step))
                         or (t.sample_every and (step + 1) % t.sample_every == 0)):
+                    distributed.barrier("sample")
                     generator.params = state.params
                     (ids,), _ = generator.generate(encode(sample_prompt), jax.random.key(config.sample.seed))
-                    bar.write((sample_prompt + decode(ids)).replace("\n", " "))
+                    if primary:
+                        bar.write((sample_prompt + decode(ids)).replace("\n", " "))
                     generator.params = None  # its copy of the weights is not needed until the next sample
                     evaluator.pause(tokens_seen)
-                if stop.requested and step + 1 < total_steps:  # Ctrl-C or SIGTERM: save this step and stop
+                if stopping and step + 1 < total_steps:  # Ctrl-C or SIGTERM (on any process): save this step, stop
                     saved_step = _save(run_dir, state, saved_step, t, {
                         "tokens_seen": tokens_seen, **run_meta, "data": {**data_meta, **position}})
+                    distributed.barrier("saved")  # a process that left early would fail the others mid-save
                     bar.close()
                     log.close()
-                    how = "Interrupted" if stop.requested == "SIGINT" else f"Stopped by {stop.requested}"
+                    how = {None: "Stopped by a signal to a process of the run", "SIGINT": "Interrupted"}.get(
+                        stop.requested, f"Stopped by {stop.requested}")
                     print(f"\n{how}: saved update {saved_step} to {run_dir}; rerun the same command to resume.",
                           file=sys.stderr)
                     raise Interrupted
@@ -169,15 +187,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
                    "wall_s": wall_s, "startup_s": startup_s, "compile_s": compile_s,
                    "data": {"folder": prepared.folder, "fingerprint": prepared.fingerprint}}
         records = log.records
-        if records:
+        if records and primary:
             summary.update(final_train_loss=records[-1]["train_loss"], final_val_loss=records[-1]["val_loss"],
                            best_val_loss=min(r["val_loss"] for r in records),
                            tokens_per_s=float(np.mean([r["tokens_per_s"] for r in records[1:]] or
                                                       [records[0]["tokens_per_s"]])))
             plot_losses(records, os.path.join(run_dir, "loss.png"))
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"Training finished in {wall_s / 60:.2f} minutes ({tokens_seen:,} tokens seen); "
+        if primary:
+            with open(summary_path, "w") as f:
+                json.dump(summary, f, indent=2)
+        say(f"Training finished in {wall_s / 60:.2f} minutes ({tokens_seen:,} tokens seen); "
               f"checkpoint, metrics.jsonl and loss.png in {run_dir}")
         return summary
 
@@ -192,18 +211,35 @@ def _make_run_dir(config: ml_collections.ConfigDict) -> str:
     return run_dir
 
 
+def _step_batch(batches: Any, step: int, grad_accum_steps: int, batch_sharding: Any) -> jax.Array:
+    """The batch of `step` as (micro-batches, rows, tokens) on the mesh; this process gathers only its rows."""
+    starts = batches.starts_of(step).reshape(grad_accum_steps, -1)
+    return sharding.device_batch(batches.tokens, starts, batches.context_length, batch_sharding)
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """`print` for every process of a run but the first."""
+
+
+def _mesh_shape(mesh: Any) -> str:
+    return " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
+
+
 # The model keys that shape the parameters: a checkpoint made with other values cannot be restored.
 _MODEL_SHAPE = tuple(f"model.{k}" for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
-                                            "qkv_bias", "tie_embeddings"))
+                                            "qkv_bias", "tie_embeddings", "vocab_multiple"))
 
 
-def _checkpoint_to_resume(config: ml_collections.ConfigDict, run_dir: str) -> dict | None:
+def _checkpoint_to_resume(config: ml_collections.ConfigDict, run_dir: str, say: Any) -> dict | None:
     """The meta of the checkpoint to resume from (None: start afresh, deleting the checkpoints of an earlier run
     when train.resume is False); a checkpoint of another model is a UserError."""
     step = checkpoint.latest_step(run_dir)
     if step is not None and not config.train.resume:
-        checkpoint.delete_all(run_dir)
-        print(f"Starting fresh (--config.train.resume=False): removed the checkpoints in {run_dir}")
+        distributed.barrier("found")  # every process has seen the checkpoints before the first deletes them
+        if distributed.is_primary():
+            checkpoint.delete_all(run_dir)
+        distributed.barrier("deleted")
+        say(f"Starting fresh (--config.train.resume=False): removed the checkpoints in {run_dir}")
         return None
     if step is None:
         return None
@@ -215,9 +251,10 @@ def _checkpoint_to_resume(config: ml_collections.ConfigDict, run_dir: str) -> di
     return meta
 
 
-def _prepared_corpus(config: ml_collections.ConfigDict, saved: dict | None) -> corpus.Corpus:
+def _prepared_corpus(config: ml_collections.ConfigDict, saved: dict | None, say: Any) -> corpus.Corpus:
     """The config's corpus, prepared if it is not yet or is stale, once a resumed checkpoint has said whether it
-    may change: a run is never silently continued on other tokens than it was trained on."""
+    may change: a run is never silently continued on other tokens than it was trained on. The first process
+    prepares it; the others wait, then open what it wrote."""
     d = config.data
     spec, status = corpus.check(d, config.checkpoint_dir)
     trained_on = (saved or {}).get("data", {}).get("fingerprint")
@@ -229,12 +266,17 @@ def _prepared_corpus(config: ml_collections.ConfigDict, saved: dict | None) -> c
     if refuse and status.meta is not None and status.fingerprint != trained_on:
         raise UserError(f"the tokens in {status.folder} are not those the checkpoint of update {saved['step']} was "
                         f"trained on{refuse}")
-    prepared = prepare.ready_corpus(spec, status, d.workers)
+    if distributed.is_primary():
+        prepared = prepare.ready_corpus(spec, status, d.workers)
+    distributed.barrier("prepared")
+    if not distributed.is_primary():
+        spec, status = corpus.check(d, config.checkpoint_dir)
+        prepared = corpus.open_corpus(status.folder, status.meta)
     if refuse and prepared.fingerprint != trained_on:  # it was missing, and prepared again from changed files
         raise UserError(f"the corpus prepared again in {status.folder} is not the one the checkpoint of update "
                         f"{saved['step']} was trained on{refuse}")
     if trained_on and prepared.fingerprint != trained_on:
-        print(f"Training on the changed corpus in {status.folder} (--config.data.allow_changes=True)")
+        say(f"Training on the changed corpus in {status.folder} (--config.data.allow_changes=True)")
     return prepared
 
 
@@ -249,9 +291,8 @@ def _epoch_anchor(saved: dict | None) -> tuple[int, int, int]:
     return (saved["step"], *position) if position else (0, 0, 0)
 
 
-def _initial_params(config: ml_collections.ConfigDict, cfg: ModelConfig, rng: jax.Array) -> Any:
-    if not config.init_from:
-        return init_params(cfg, rng)
+def _pretrained_params(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Any:
+    """GPT-2's weights (--config.init_from) for `cfg`: the context cropped, the vocabulary padded."""
     from mygpt_jax.pretrained.load import load_pretrained  # only fine-tuning needs it
 
     pretrained_cfg, params = load_pretrained(config, config.init_from)
@@ -263,19 +304,24 @@ def _initial_params(config: ml_collections.ConfigDict, cfg: ModelConfig, rng: ja
                         f"{', '.join(mismatched) or f'context_length {cfg.context_length}'}; set the model "
                         f"keys as in configs/{config.init_from.lower()}.py")
     params["wpe"]["embedding"] = params["wpe"]["embedding"][:cfg.context_length]  # shorter context: crop
-    return params
+    return pad_vocab(cfg, params)
 
 
 def _initial_state(config: ml_collections.ConfigDict, cfg: ModelConfig, tx: Any, init_rng: jax.Array,
-                   run_dir: str, saved: dict | None) -> steps.TrainState:
-    """A fresh state, or the checkpoint's, saying what was resumed and which settings changed since."""
+                   run_dir: str, saved: dict | None, shardings: steps.TrainState, say: Any) -> steps.TrainState:
+    """A fresh state, made where its shardings say (never whole on one device first), or the checkpoint's,
+    restored onto them whatever mesh saved it; says what was resumed and which settings changed since."""
+
     if saved is None:
-        params = _initial_params(config, cfg, init_rng)
-        return steps.TrainState(jnp.int32(0), params, tx.init(params))
+        if config.init_from:
+            params = sharding.put(_pretrained_params(config, cfg), shardings.params)
+            return jax.jit(lambda p: steps.new_state(p, tx), out_shardings=shardings)(params)
+        return steps.init_state(cfg, tx, init_rng, shardings)
     changed = changed_settings(saved["config"], config, within=("model", "data", "train"))
-    abstract = jax.eval_shape(lambda: init_params(cfg, init_rng))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(lambda: steps.new_state(init_params(cfg, init_rng), tx)), shardings)
     try:
-        params, opt_state = checkpoint.restore_train_state(run_dir, abstract, jax.eval_shape(tx.init, abstract),
+        params, opt_state = checkpoint.restore_train_state(run_dir, abstract.params, abstract.opt_state,
                                                            saved["step"])
     except UserError as e:
         if not changed:
@@ -287,10 +333,11 @@ def _initial_state(config: ml_collections.ConfigDict, cfg: ModelConfig, tx: Any,
     if config.data.sampling == "epochs":
         _, epoch, windows = _epoch_anchor(saved)
         where = f" (epoch {epoch + 1}, batch {windows // config.train.batch_size})"
-    print(f"Resuming {run_dir} from update {saved['step']}{where}")
+    say(f"Resuming {run_dir} from update {saved['step']}{where}")
     if changed:
-        print(f"Settings changed since that checkpoint: {'; '.join(changed)}")
-    return steps.TrainState(jnp.int32(saved["step"]), params, opt_state)
+        say(f"Settings changed since that checkpoint: {'; '.join(changed)}")
+    step = sharding.put(jnp.int32(saved["step"]), shardings.step)
+    return steps.TrainState(step, params, opt_state)
 
 
 def _log(record: dict, log: MetricsLog, bar: tqdm, saved_step: int | None, t: ml_collections.ConfigDict) -> None:
@@ -299,6 +346,8 @@ def _log(record: dict, log: MetricsLog, bar: tqdm, saved_step: int | None, t: ml
     if not np.isfinite([record["batch_loss"], record["train_loss"], record["val_loss"]]).all():
         raise _diverged(f"the loss is {record['train_loss']} at update {record['update']}", saved_step, t)
     log.append(record)
+    if not log.enabled:  # a process of a run but its first
+        return
     fraction = {} if record["flops_fraction"] is None else {"flops": f"{record['flops_fraction']:.2f}"}
     bar.set_postfix(tok_s=f"{record['tokens_per_s']:.0f}", loss=f"{record['train_loss']:.3f}", **fraction)
     where = f"Ep {record['epoch']} (Step {record['step']:06d})" if record["epoch"] else f"Step {record['step']:06d}"

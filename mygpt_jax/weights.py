@@ -10,10 +10,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from mygpt_jax import checkpoint
+from mygpt_jax import checkpoint, sharding
 from mygpt_jax.config import run_folder
 from mygpt_jax.errors import UserError
-from mygpt_jax.model import ModelConfig, init_params
+from mygpt_jax.model import ModelConfig, init_params, logical_axes, pad_vocab
 
 
 def _for_inference(cfg: ModelConfig, config: ml_collections.ConfigDict) -> ModelConfig:
@@ -21,13 +21,18 @@ def _for_inference(cfg: ModelConfig, config: ml_collections.ConfigDict) -> Model
     return dataclasses.replace(cfg, drop_rate=0.0, dtype=config.model.dtype, attention=config.model.attention)
 
 
-def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
-    """(model config for inference, params); the architecture comes from the weights, not the config file."""
+def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> tuple[ModelConfig, Any]:
+    """(model config for inference, params); the architecture comes from the weights, not the config file. With a
+    `mesh`, the params are laid out on it by their logical axis names, whatever mesh a checkpoint was saved on."""
     if config.pretrained:
         from mygpt_jax.pretrained.load import load_pretrained  # TensorFlow only on a first conversion
 
         cfg, params = load_pretrained(config, config.pretrained)
-        return _for_inference(cfg, config), params
+        cfg = dataclasses.replace(_for_inference(cfg, config), vocab_multiple=config.model.vocab_multiple)
+        params = pad_vocab(cfg, params)
+        if mesh is not None:
+            params = sharding.put(params, sharding.logical_shardings(logical_axes(cfg), mesh))
+        return cfg, params
 
     directory = run_folder(config)
     step = checkpoint.latest_step(directory)
@@ -41,6 +46,9 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
     saved = ml_collections.ConfigDict(checkpoint.restore_meta(directory, step)["config"])
     cfg = _for_inference(ModelConfig.from_config(saved.model), config)
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    if mesh is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                                sharding.logical_shardings(logical_axes(cfg), mesh))
     params, _ = checkpoint.restore_params(directory, abstract, step)
     print(f"loaded {directory} (update {step}) in {time.time() - start:.1f} s", file=sys.stderr)
     return cfg, params

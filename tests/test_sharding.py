@@ -1,8 +1,7 @@
-"""The pure train step under `jax.sharding`: the groundwork for multi-device training.
+"""Training on several devices: the mesh, the shardings of the state and the batches, checkpoints across meshes.
 
-Two CPU devices stand in for two accelerators (XLA's host-platform device count, which must be set before jax
-starts, hence a subprocess). Parameters are placed by their logical axis names (`model.logical_axes`), and the
-sharded step must compute what the single-device step computes."""
+Four CPU devices stand in for accelerators (XLA's host-platform device count, which must be set before jax
+starts, hence subprocesses). The sharded step must compute what the single-device step computes."""
 
 from __future__ import annotations
 
@@ -13,70 +12,82 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
+import pytest
 
 from configs import tiny
-from mygpt_jax import backends
+from mygpt_jax import sharding
+from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig, init_params, logical_axes
-from tests.utils import REPO, cli_env
+from tests.utils import REPO, cli_env, read_metrics, run_cli
 
-# Logical axis -> mesh axis. Data parallel: parameters replicated, the batch split. Tensor parallel: the MLP's
-# hidden units, the attention heads, the fused q/k/v columns (in column ranges, not head by head: correct, with
-# more communication) and the vocabulary split. GPT-2's 50257 tokens do not divide evenly: sharding them needs a
-# padded vocabulary, as nanoGPT's 50304; the test's model has 512.
-MESHES = {"data": ((2, 1), ()),
-          "tensor": ((1, 2), (("mlp", "model"), ("heads", "model"), ("qkv", "model"), ("vocab", "model")))}
+MESHES = [(4, 1, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2)]  # (data, fsdp, tensor)
+DEVICES = "--xla_force_host_platform_device_count=4"
+
+
+def devices_env(n: int = 4) -> dict:
+    return dict(cli_env(), XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}")
 
 
 def tiny_model() -> ModelConfig:
-    config = tiny.get_config()
-    backends.resolve(config, backends.current())
-    return dataclasses.replace(ModelConfig.from_config(config.model), vocab_size=512, n_layers=1)
+    # 64 rows of padding: 50304 splits over mesh.tensor = 2; dropout stays on (its masks must not depend on the mesh)
+    model = tiny.get_config().model
+    model.dtype, model.attention = "float32", "explicit"
+    return dataclasses.replace(ModelConfig.from_config(model), vocab_multiple=64, n_layers=1)
+
+
+def mesh_config(data: int, fsdp: int, tensor: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
 
 
 def sharded_steps() -> dict:
-    """Two train steps of the tiny config, on one device and on each mesh of MESHES; run in the child."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from mygpt_jax import steps
+    """Two train steps of a tiny model with 2 micro-batches, on one device and on each mesh of MESHES, made and
+    run as the trainer does; run in the child."""
+    from mygpt_jax import backends, steps
     from mygpt_jax.model import GPT
 
-    cfg = tiny_model()
-    tx = steps.create_optimizer(tiny.get_config().train, total_steps=2)
-    train_step = steps.make_train_step(GPT(cfg, backends.current()), tx, grad_accum_steps=1)
-    params = init_params(cfg, jax.random.key(0))
-    batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, cfg.context_length + 1), dtype=np.int32)
-    # Made under jit, the optimizer state lies where the parameters lie.
-    new_state = jax.jit(lambda params: steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)))
+    cfg, t = tiny_model(), tiny.get_config().train
+    tx = steps.create_optimizer(t, total_steps=2)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 4000).astype(np.uint16)
+    starts = np.arange(8).reshape(2, 4) * 40  # 2 micro-batches of 4 windows
 
-    def two_steps(params, batch):
-        state = new_state(params)
-        # The step returns the state placed as it came, as a multi-device trainer would jit it, so the second
-        # call runs the first one's program.
-        shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-        step = jax.jit(train_step, out_shardings=(shardings, None))
+    def two_steps(mesh):
+        model = GPT(cfg, backends.current(), sharding.activation_constraint(mesh))
+        shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
+        state = steps.init_state(cfg, tx, jax.random.key(0), shardings)
+        step = steps.jit_train_step(model, tx, 2, state_shardings=shardings, batch_sharding=batch_sharding)
         losses = []
-        for _ in range(2):  # dropout is on: its masks must not depend on how the batch is split
-            state, metrics = step(state, batch, jax.random.key(1))
+        for i in range(2):
+            batch = sharding.device_batch(tokens, starts + i, cfg.context_length, batch_sharding)
+            state, metrics = step(state, batch, jax.device_put(jax.random.key(1), sharding.replicated(mesh)))
             losses.append(float(metrics["loss"]))
-        return losses, state.params
+        assert step._cache_size() == 1  # the second call ran the first's program
+        return losses, state
 
-    ref_losses, ref_params = two_steps(*jax.device_put((params, batch), jax.devices()[0]))
-    ref_params = jax.device_get(ref_params)
-    out = {"devices": jax.device_count(), "single": ref_losses}
-    for name, (shape, rules) in MESHES.items():
-        mesh = Mesh(np.array(jax.devices()).reshape(shape), ("data", "model"))
-        shardings = nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, rules)
-        losses, new = two_steps(jax.device_put(params, shardings),
-                                jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data"))))
-        kernel = new["h_0"]["mlp"]["c_fc"]["kernel"]
-        out[name] = {"losses": losses, "c_fc_shard_shape": list(kernel.addressable_shards[0].data.shape),
-                     "wte_shard_shape": list(new["wte"]["embedding"].addressable_shards[0].data.shape),
-                     "max_param_diff": max(float(np.abs(a - b).max()) for a, b in zip(
-                         jax.tree_util.tree_leaves(jax.device_get(new)), jax.tree_util.tree_leaves(ref_params)))}
+    reference, ref_state = two_steps(sharding.make_mesh(mesh_config(1, 1, 1), jax.devices()[:1]))
+    ref_leaves = jax.tree_util.tree_leaves(jax.device_get(ref_state))
+    out = {"devices": jax.device_count(), "single": reference}
+    for shape in MESHES:
+        losses, state = two_steps(sharding.make_mesh(mesh_config(*shape)))
+        leaves = jax.tree_util.tree_leaves(jax.device_get(state))
+        out[str(shape)] = {
+            "losses": losses, "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(leaves, ref_leaves)),
+            "c_fc": list(state.params["h_0"]["mlp"]["c_fc"]["kernel"].addressable_shards[0].data.shape),
+            "wte": list(state.params["wte"]["embedding"].addressable_shards[0].data.shape),
+            "wte_mu": list(state.opt_state[0].mu["wte"]["embedding"].addressable_shards[0].data.shape),
+            "state_bytes": sharding.shard_bytes(state)}
+    out["single_state_bytes"] = sharding.shard_bytes(ref_state)
     return out
+
+
+@pytest.fixture(scope="module")
+def on_four_devices():
+    code = "import json; from tests.test_sharding import sharded_steps; print(json.dumps(sharded_steps()))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=devices_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_logical_axes_name_every_dimension_of_every_parameter():
@@ -88,21 +99,76 @@ def test_logical_axes_name_every_dimension_of_every_parameter():
     for path, value in flat_params:
         names = flat_axes[path]
         assert len(names) == value.ndim and all(isinstance(n, str) for n in names), (path, names)
+    assert params["wte"]["embedding"].shape == (50304, 32)  # the padded vocabulary
 
 
-def test_the_train_step_sharded_over_two_devices_computes_the_single_device_step():
-    env = dict(cli_env(), XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
-    code = "import json; from tests.test_sharding import sharded_steps; print(json.dumps(sharded_steps()))"
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
+@pytest.mark.parametrize("shape", [str(s) for s in MESHES])
+def test_a_step_on_a_mesh_computes_the_single_device_step(on_four_devices, shape):
+    out = on_four_devices
+    assert out["devices"] == 4 and out["single"][1] < out["single"][0]  # it trains
+    np.testing.assert_allclose(out[shape]["losses"], out["single"], rtol=1e-5)
+    assert out[shape]["max_diff"] < 1e-5
+
+
+def test_the_parameters_and_the_optimizer_state_are_really_split(on_four_devices):
+    out = on_four_devices
+    assert out["(4, 1, 1)"]["c_fc"] == [32, 128] and out["(4, 1, 1)"]["wte"] == [50304, 32]  # data: replicated
+    assert out["(1, 4, 1)"]["c_fc"] == [8, 128] and out["(1, 4, 1)"]["wte"] == [50304, 8]  # fsdp: embed / 4
+    assert out["(1, 4, 1)"]["wte_mu"] == [50304, 8]  # the Adam moments lie as their parameters
+    assert out["(2, 1, 2)"]["c_fc"] == [32, 64] and out["(2, 1, 2)"]["wte"] == [25152, 32]  # tensor: mlp, vocab / 2
+    assert out["(1, 2, 2)"]["c_fc"] == [16, 64] and out["(1, 2, 2)"]["wte"] == [25152, 16]
+    # FSDP over 4 devices: a quarter of the state per device, give or take the replicated scalars and biases.
+    assert out["(1, 4, 1)"]["state_bytes"] <= out["single_state_bytes"] / 4 * 1.02
+
+
+def test_a_mesh_that_does_not_fit_is_one_line():
+    assert sharding.make_mesh(mesh_config(-1, 1, 1), jax.devices()[:1]).shape == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(UserError, match=r"mesh.data=2, mesh.fsdp=1, mesh.tensor=1 makes a mesh of 2 devices, and "
+                                        r"there are 1"):
+        sharding.make_mesh(mesh_config(2, 1, 1), jax.devices()[:1])
+    # The divisibility checks read the mesh's shape alone.
+    with pytest.raises(UserError, match=r"--config.mesh.tensor=4 does not divide the vocabulary of 50257 rows; pad it "
+                                        r"with --config.model.vocab_multiple \(128 gives 50304\)"):
+        sharding.check_fits(ModelConfig(), Shape(data=1, fsdp=1, tensor=4), 8, "rows")
+    with pytest.raises(UserError, match=r"--config.model.emb_dim=768 is not divisible by --config.mesh.fsdp=5"):
+        sharding.check_fits(ModelConfig(), Shape(data=1, fsdp=5, tensor=1), 10, "rows")
+
+
+class Shape:
+    def __init__(self, **sizes: int):
+        self.shape = sizes
+
+
+RUN = ["--config.train.flops_matmul_size=0", "--config.sample.prompt=", "--config.train.eval_freq=4",
+       "--config.train.grad_accum_steps=2", "--config.train.batch_size=8", "--config.model.vocab_multiple=64"]
+
+
+def train_on(devices: int, ckpt, *args: str) -> list[dict]:
+    result = subprocess.run([sys.executable, "-m", "mygpt_jax.train", "--config", tiny.__file__,
+                             f"--config.checkpoint_dir={ckpt}", *RUN, *args], cwd=REPO, env=devices_env(devices),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 2
-    assert out["single"][1] < out["single"][0]  # it trains
-    for name in MESHES:
-        np.testing.assert_allclose(out[name]["losses"], out["single"], rtol=1e-5)
-        assert out[name]["max_param_diff"] < 1e-5, name
-    # The updated parameters keep their placement: whole on each device for data parallel, halves for tensor
-    # parallel (an MLP kernel's hidden units, the embedding's vocabulary).
-    assert out["data"]["c_fc_shard_shape"] == [32, 128] and out["data"]["wte_shard_shape"] == [512, 32]
-    assert out["tensor"]["c_fc_shard_shape"] == [32, 64] and out["tensor"]["wte_shard_shape"] == [256, 32]
+    return [{k: r[k] for k in ("update", "train_loss", "val_loss", "tokens_seen")} for r in read_metrics(ckpt / "tiny")]
+
+
+def test_a_checkpoint_saved_on_one_mesh_trains_on_with_another(tmp_path):
+    """FSDP over 4 devices for 6 steps, then 1 device to step 12, then 2 x 2 (data x tensor) to the end: the
+    losses of one run on one device throughout."""
+    whole = train_on(1, tmp_path / "whole", "--config.mesh.data=1")
+    train_on(4, tmp_path / "moved", "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.train.max_steps=6")
+    train_on(1, tmp_path / "moved", "--config.mesh.data=1", "--config.train.max_steps=12")
+    moved = train_on(4, tmp_path / "moved", "--config.mesh.data=2", "--config.mesh.tensor=2")
+    # The evaluations at each stop (updates 6 and 12) are extra; the others are the same evaluations.
+    moved = [r for r in moved if r["update"] not in (6, 12)]
+    assert [(r["update"], r["tokens_seen"]) for r in moved] == [(r["update"], r["tokens_seen"]) for r in whole]
+    np.testing.assert_allclose([[r["train_loss"], r["val_loss"]] for r in moved],
+                               [[r["train_loss"], r["val_loss"]] for r in whole], rtol=1e-5)
+    assert len(whole) == 6 and whole[-1]["train_loss"] < whole[0]["train_loss"]
+
+
+def test_a_batch_the_mesh_cannot_share_is_one_line(tmp_path):
+    result = run_cli("train", f"--config.checkpoint_dir={tmp_path}", env=devices_env(3))  # every device on data
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 2 and lines[0].endswith(", 3 devices"), result.stderr
+    assert lines[1] == ("error: --config.train.batch_size=4 / train.grad_accum_steps=1 gives 4 rows, which mesh.data "
+                        "x mesh.fsdp = 3 devices cannot share; make it a multiple of that")

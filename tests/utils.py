@@ -21,11 +21,11 @@ def cli_env() -> dict:
     return env
 
 
-def run_cli(module: str, *args: str, config: str = TINY, input: str | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(module: str, *args: str, config: str = TINY, input: str | None = None, timeout: float = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m mygpt_jax.<module> --config <config> <args>` and capture its output."""
     cmd = [sys.executable, "-m", f"mygpt_jax.{module}", "--config", config, *args]
-    return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, input=input,
+    return subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, input=input,
                           timeout=timeout)
 
 

@@ -58,7 +58,7 @@ def current() -> Backend:
     """This process's profile, from the device JAX computes on (JAX_PLATFORMS=cpu makes it the CPU's). A backend
     that cannot start, or cannot take an array (jax-metal under a jax newer than 0.5.0), is a UserError."""
     try:
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]  # this process's: jax.devices()[0] is process 0's
         jax.device_put(np.zeros(1, np.float32), device).block_until_ready()
     except RuntimeError as e:
         reason = " ".join(str(e).split())[:300]
@@ -69,13 +69,15 @@ def current() -> Backend:
 
 
 def describe() -> str:
-    """The backend and its devices in one line: `cpu (2 cores)`, `gpu: 8 x NVIDIA H100`, `METAL: Apple M2`."""
+    """The backend and its devices in one line: `cpu (2 cores)`, `gpu: 8 x NVIDIA H100`, `METAL: Apple M2`; with
+    several processes, which one this is (`gpu: 16 x NVIDIA H100, process 1 of 2`)."""
     devices = jax.devices()
     device = devices[0]
+    processes = f", process {jax.process_index()} of {jax.process_count()}" if jax.process_count() > 1 else ""
     if device.platform == "cpu":
-        return f"cpu ({os.cpu_count()} cores)" + (f", {len(devices)} devices" if len(devices) > 1 else "")
+        return f"cpu ({os.cpu_count()} cores)" + (f", {len(devices)} devices" if len(devices) > 1 else "") + processes
     kind = _mac_chip() if device.platform == "METAL" else device.device_kind
-    return f"{device.platform}: " + (f"{len(devices)} x {kind}" if len(devices) > 1 else kind)
+    return f"{device.platform}: " + (f"{len(devices)} x {kind}" if len(devices) > 1 else kind) + processes
 
 
 def _mac_chip() -> str:
