@@ -109,3 +109,15 @@ def test_the_host_decoding_loop_makes_the_device_loops_tokens():
         assert on_host.generate([1, 2, 3], jax.random.key(4)) == on_device.generate([1, 2, 3], jax.random.key(4))
         assert on_host._loop._cache_size() == 0 and on_device._loop._cache_size() == 1
     assert len(on_host.generate([1, 2, 3], jax.random.key(4))[0][0]) == 12
+
+
+def test_sampling_never_picks_a_padding_row():
+    cfg = dataclasses.replace(CFG, vocab_multiple=128)
+    params = init_params(cfg, jax.random.key(3))
+    # Make the padding rows' logits the largest: were they not masked, greedy and sampling would pick them.
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 97:].set(10.0)  # rows 97..127 pad
+    for temperature in (0.0, 1.0):
+        generator = Generator(cfg, params, SamplingSettings(temperature=temperature, max_new_tokens=20,
+                                                            num_samples=3, stop_token=None), BACKEND)
+        samples, _ = generator.generate([1, 2, 3], jax.random.key(0))
+        assert all(0 <= t < 97 for row in samples for t in row)

@@ -202,3 +202,37 @@ def test_model_config_from_an_older_checkpoint_gets_the_new_keys_defaults():
     saved["dtype"] = "float32"
     del saved["attention"]  # checkpoints saved before the key existed
     assert ModelConfig.from_config(ml_collections.ConfigDict(saved)).attention == "explicit"
+
+
+def test_a_padded_vocabulary_never_predicts_its_padding_rows():
+    cfg = dataclasses.replace(TINY, vocab_multiple=128)  # 50304 rows, nanoGPT's
+    assert cfg.padded_vocab == 50304 and ModelConfig().padded_vocab == 50257
+    params = init_params(cfg, jax.random.key(0))
+    assert params["wte"]["embedding"].shape == (50304, 32) and params["lm_head"]["kernel"].shape == (32, 50304)
+    assert shape_only_count(context_length=256, vocab_multiple=128) == 162_419_712 + 2 * 47 * 768
+    tokens = jnp.arange(9)[None] * 5000
+    logits = forward(cfg, params, tokens)
+    assert logits.shape == (1, 9, 50304) and bool(jnp.all(logits[..., 50257:] == -jnp.inf))
+    # The loss is the softmax over the real rows alone: the unpadded model with the same weights gives it.
+    batch = jnp.concatenate([tokens, tokens[:, :1]], axis=1)
+    real = dict(params, wte={"embedding": params["wte"]["embedding"][:50257]},
+                lm_head={"kernel": params["lm_head"]["kernel"][:, :50257]})
+    padded_loss = steps.loss_fn(GPT(cfg, BACKEND), params, batch, None)
+    real_loss = steps.loss_fn(GPT(TINY, BACKEND), real, batch, None)
+    np.testing.assert_allclose(padded_loss, real_loss, rtol=1e-6)
+    grads = jax.grad(lambda p: steps.loss_fn(GPT(cfg, BACKEND), p, batch, None))(params)
+    assert np.isfinite(np.asarray(grads["lm_head"]["kernel"])).all()
+    assert not np.asarray(grads["lm_head"]["kernel"][:, 50257:]).any()  # the padding learns nothing
+
+
+def test_pretrained_weights_are_padded_with_zero_rows():
+    from mygpt_jax.model import pad_vocab
+
+    cfg = dataclasses.replace(TINY, vocab_multiple=64)
+    params = init_params(TINY, jax.random.key(0))
+    padded = pad_vocab(cfg, params)
+    assert padded["wte"]["embedding"].shape == (50304, 32) and padded["lm_head"]["kernel"].shape == (32, 50304)
+    np.testing.assert_array_equal(padded["wte"]["embedding"][:50257], params["wte"]["embedding"])
+    assert not np.asarray(padded["wte"]["embedding"][50257:]).any()
+    tokens = jnp.arange(7)[None] * 7000
+    np.testing.assert_allclose(forward(cfg, padded, tokens)[..., :50257], forward(TINY, params, tokens), atol=1e-6)

@@ -172,3 +172,16 @@ def test_a_batch_the_mesh_cannot_share_is_one_line(tmp_path):
     assert result.returncode == 1 and len(lines) == 2 and lines[0].endswith(", 3 devices"), result.stderr
     assert lines[1] == ("error: --config.train.batch_size=4 / train.grad_accum_steps=1 gives 4 rows, which mesh.data "
                         "x mesh.fsdp = 3 devices cannot share; make it a multiple of that")
+
+
+def test_evaluate_and_sample_lay_a_one_device_checkpoint_out_on_a_mesh(tmp_path):
+    train_on(1, tmp_path, "--config.mesh.data=1", "--config.train.max_steps=3")
+    args = [f"--config.checkpoint_dir={tmp_path}", "--config.model.vocab_multiple=64"]
+    outputs = {}
+    for devices, mesh in ((1, ["--config.mesh.data=1"]), (4, ["--config.mesh.data=2", "--config.mesh.tensor=2"])):
+        evaluated = run_cli("evaluate", *args, *mesh, "--config.eval.json=True", env=devices_env(devices))
+        sampled = run_cli("sample", *args, *mesh, "--config.sample.max_new_tokens=8", env=devices_env(devices))
+        assert evaluated.returncode == 0 and sampled.returncode == 0, evaluated.stderr + sampled.stderr
+        outputs[devices] = json.loads(evaluated.stdout), sampled.stdout
+    assert outputs[4][0]["loss"] == pytest.approx(outputs[1][0]["loss"], rel=1e-5)
+    assert outputs[4][1] == outputs[1][1]  # the same greedy text
