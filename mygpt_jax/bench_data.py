@@ -34,7 +34,7 @@ import numpy as np
 
 from mygpt_jax import backends, corpus, data, steps
 from mygpt_jax.model import GPT, ModelConfig, init_params
-from mygpt_jax.prepare import CHUNK_BYTES, default_workers, encode_chunk
+from mygpt_jax.prepare import CHUNK_BYTES, default_workers
 
 DOCUMENT_BYTES = 1 << 20
 
@@ -76,12 +76,12 @@ def write_corpus(folder: str, megabytes: int, seed: int) -> None:
 
 
 def tokenizer_rate(text: str) -> tuple[float, float]:
-    """(MB/s, tokens/s) of tiktoken on one thread, called as preparing calls it (`prepare.encode_chunk`), on
+    """(MB/s, tokens/s) of tiktoken on one thread, called as preparing calls it (`corpus.encode_chunk`), on
     pieces of the size it reads."""
     pieces = [text[i:i + CHUNK_BYTES].encode() for i in range(0, len(text), CHUNK_BYTES)]
-    encode_chunk(pieces[0][:10_000])  # builds the tokenizer
+    corpus.encode_chunk(pieces[0][:10_000])  # builds the tokenizer
     start = time.perf_counter()
-    tokens = sum(len(encode_chunk(piece)) for piece in pieces)
+    tokens = sum(len(corpus.encode_chunk(piece)) for piece in pieces)
     seconds = time.perf_counter() - start
     return sum(map(len, pieces)) / 1e6 / seconds, tokens / seconds
 
@@ -127,10 +127,8 @@ class _InMemory:
         self.batches = batches
         self.windows = data.gather(batches.tokens, batches.starts, batches.context_length)
 
-    def batch(self, step: int) -> np.ndarray:
-        epoch, done = self.batches.position(step)
-        order = np.random.default_rng([self.batches.seed, epoch]).permutation(len(self.windows))
-        return self.windows[order[done:done + self.batches.batch_size]]
+    def batch(self, step: int) -> np.ndarray:  # the same windows as the memory map's, by their index
+        return self.windows[self.batches.starts_of(step) // self.batches.context_length]
 
 
 def bench_training(config: ml_collections.ConfigDict, prepared_folder: str, n_steps: int, rounds: int
@@ -182,7 +180,7 @@ def run(config: ml_collections.ConfigDict, config_path: str, sizes: list[int], t
     with tempfile.TemporaryDirectory() as root:
         prepared = bench_prepare(root, sizes, config_path)
         _progress(f"the train step fed from the memory map and from memory, {rounds} x {train_steps} steps each")
-        rates = bench_training(config, prepared[-1]["folder"], train_steps, rounds)
+        rates = bench_training(config, prepared[0]["folder"], train_steps, rounds)
         _progress("start-up of the train command on the prepared corpus")
         startup_s = bench_startup(config_path, prepared[-1]["folder"], root)
     for p in prepared:

@@ -29,7 +29,7 @@ import numpy as np
 
 from mygpt_jax.data import default_text_path
 from mygpt_jax.errors import UserError
-from mygpt_jax.tokenizer import SHA256 as TOKENIZER_FILES
+from mygpt_jax.tokenizer import SHA256 as TOKENIZER_FILES, get_tokenizer
 
 FORMAT_VERSION = 1
 TOKENIZER = {"name": "gpt2", "encode": "encode_ordinary", **TOKENIZER_FILES}
@@ -248,3 +248,35 @@ def open_corpus(folder: str, meta: dict) -> Corpus:
         # An empty split cannot be memory-mapped; the caller says it is too small for a window.
         splits.append(np.memmap(path, TOKEN_DTYPE, "r") if expected else np.zeros(0, TOKEN_DTYPE))
     return Corpus(folder, meta, *splits)
+
+
+class BadFile(Exception):
+    """A file that is no text: binary, or not UTF-8 (`at`: the byte where decoding failed)."""
+
+    def __init__(self, reason: str, at: int | None = None):
+        super().__init__(reason, at)  # both in args: a worker process's exception is pickled back
+        self.reason, self.at = reason, at
+
+
+def safe_cut(data: bytes, lo: int) -> int | None:
+    """The last position p > lo where `data` may be cut into two chunks whose tokens are the whole's:
+    data[p - 1] is a newline with printable ASCII before and after it. None if there is none."""
+    p = len(data) - 1
+    while (p := data.rfind(b"\n", lo + 1, p)) > 0:
+        if 0x21 <= data[p - 1] <= 0x7E and p + 1 < len(data) and 0x21 <= data[p + 1] <= 0x7E:
+            return p + 1
+    return None
+
+
+def encode_chunk(data: bytes) -> np.ndarray:
+    """The GPT-2 tokens (`encode_ordinary`) of one chunk of a text file."""
+    if b"\0" in data:
+        raise BadFile("binary, with NUL bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadFile("not UTF-8", e.start) from None
+    # encode_ordinary's tokens, as an array: with no special token allowed and none disallowed, a literal
+    # "<|endoftext|>" is ordinary text, and no Python int is made per token.
+    ids = get_tokenizer().encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    return ids.astype(TOKEN_DTYPE)

@@ -1,8 +1,9 @@
 """Tokenize a corpus once into a prepared folder: `python -m mygpt_jax.prepare --config CONFIG`.
 
-`train` does the same on first use. The files are read in chunks and tokenized by `data.workers` threads
-(tiktoken releases the GIL), the results written in order, so memory stays bounded whatever the corpus's size
-and 1 or N workers write byte-identical files. A file is cut into chunks only after a newline with printable
+`train` does the same on first use. The files are read in chunks and tokenized by `data.workers` worker
+processes (threads for a small corpus, where starting processes would cost more than it saves: tiktoken
+releases the GIL only for part of its work), the results written in order, so memory stays bounded whatever
+the corpus's size and 1 or N workers write byte-identical files. A file is cut into chunks only after a newline with printable
 ASCII on both sides: no GPT-2 pre-token crosses such a point (a newline after other whitespace can join it:
 "\\n\\n" is one token), so a chunk's tokens are those of the whole file at that place.
 
@@ -26,8 +27,10 @@ import dataclasses
 import errno
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Any, Iterator
@@ -37,46 +40,15 @@ import numpy as np
 from tqdm import tqdm
 
 from mygpt_jax import corpus
-from mygpt_jax.corpus import SPLITS, TOKEN_DTYPE, Source, Spec
+from mygpt_jax.corpus import SPLITS, TOKEN_DTYPE, BadFile, Source, Spec, encode_chunk, safe_cut
 from mygpt_jax.errors import Interrupted, UserError
 from mygpt_jax.preemption import signals_interrupt
-from mygpt_jax.tokenizer import END_OF_TEXT_ID, get_tokenizer
+from mygpt_jax.tokenizer import END_OF_TEXT_ID
 
 CHUNK_BYTES = 1 << 20  # what one worker tokenizes at a time
+PROCESSES_FROM_BYTES = 64 << 20  # corpora this large are tokenized by processes, smaller ones by threads
 MIN_SPLIT_TOKENS = 1025  # one window at GPT-2's context of 1024: less in a split and documents are split instead
 COPY_TOKENS = 1 << 24
-
-
-class BadFile(Exception):
-    """A file that is no text: binary, or not UTF-8 (`at`: the byte where decoding failed)."""
-
-    def __init__(self, reason: str, at: int | None = None):
-        super().__init__(reason)
-        self.reason, self.at = reason, at
-
-
-def safe_cut(data: bytes, lo: int) -> int | None:
-    """The last position p > lo where `data` may be cut into two chunks whose tokens are the whole's:
-    data[p - 1] is a newline with printable ASCII before and after it. None if there is none."""
-    p = len(data) - 1
-    while (p := data.rfind(b"\n", lo + 1, p)) > 0:
-        if 0x21 <= data[p - 1] <= 0x7E and p + 1 < len(data) and 0x21 <= data[p + 1] <= 0x7E:
-            return p + 1
-    return None
-
-
-def encode_chunk(data: bytes) -> np.ndarray:
-    """The GPT-2 tokens (`encode_ordinary`) of one chunk of a text file."""
-    if b"\0" in data:
-        raise BadFile("binary, with NUL bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadFile("not UTF-8", e.start) from None
-    # encode_ordinary's tokens, as an array: with no special token allowed and none disallowed, a literal
-    # "<|endoftext|>" is ordinary text, and no Python int is made per token (a list holds the GIL to build).
-    ids = get_tokenizer().encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-    return ids.astype(TOKEN_DTYPE)
 
 
 @dataclasses.dataclass
@@ -183,10 +155,23 @@ class _TokenFile:
         self.file.close()
 
 
-def _write_tokens(reader: _Reader, files: dict[str, _TokenFile], workers: int, end_of_text: bool,
+def _ignore_interrupts() -> None:
+    """A worker process leaves Ctrl-C (sent to the whole process group) to the process that started it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool(workers: int, processes: bool) -> concurrent.futures.Executor:
+    if not processes:
+        return concurrent.futures.ThreadPoolExecutor(workers)
+    # Spawned, not forked: the parent may be a training process whose JAX threads a fork would copy half-way.
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_ignore_interrupts)
+
+
+def _write_tokens(reader: _Reader, files: dict[str, _TokenFile], workers: int, processes: bool, end_of_text: bool,
                   bar: tqdm) -> tuple[dict[int, list[tuple[str, int, int]]], dict[int, str]]:
-    """Tokenize every chunk on `workers` threads and write the tokens in order. Returns each document's
-    (split, first token, token count) spans and the reason of every bad document."""
+    """Tokenize every chunk on `workers` processes (or threads) and write the tokens in order. Returns each
+    document's (split, first token, token count) spans and the reason of every bad document."""
     spans: dict[int, list[tuple[str, int, int]]] = collections.defaultdict(list)
     bad: dict[int, str] = {}
     eot = np.asarray([END_OF_TEXT_ID], TOKEN_DTYPE)
@@ -213,18 +198,17 @@ def _write_tokens(reader: _Reader, files: dict[str, _TokenFile], workers: int, e
         bar.update(len(chunk.data))
         bar.set_postfix(tokens=f"{sum(f.tokens for f in files.values()):,}", refresh=False)
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending: collections.deque = collections.deque()
-        try:
-            for chunk in reader.chunks():
-                pending.append((chunk, pool.submit(encode_chunk, chunk.data)))
-                while len(pending) > 2 * workers:  # bounded memory: a few chunks in flight
-                    consume(*pending.popleft())
-            while pending:
+    pool = _pool(workers, processes)
+    pending: collections.deque = collections.deque()
+    try:
+        for chunk in reader.chunks():
+            pending.append((chunk, pool.submit(encode_chunk, chunk.data)))
+            while len(pending) > 2 * workers:  # bounded memory: a few chunks in flight
                 consume(*pending.popleft())
-        finally:
-            for _, future in pending:
-                future.cancel()
+        while pending:
+            consume(*pending.popleft())
+    finally:
+        pool.shutdown(wait=not pending, cancel_futures=True)  # an interrupt does not wait for running chunks
     return spans, bad
 
 
@@ -318,7 +302,8 @@ def prepare(spec: Spec, folder: str, workers: int = 0, progress: bool | None = N
             reader = _Reader(spec, sources)
             with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {os.path.basename(folder)}",
                       disable=None if progress is None else not progress, file=sys.stderr) as bar:
-                spans, bad = _write_tokens(reader, files, workers, spec.kind != "file", bar)
+                spans, bad = _write_tokens(reader, files, workers, total_bytes >= PROCESSES_FROM_BYTES,
+                                           spec.kind != "file", bar)
             for f in files.values():
                 f.close()
             if spec.kind == "file" and bad:

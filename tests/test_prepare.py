@@ -59,13 +59,13 @@ def test_safe_cuts_never_change_the_tokens():
         text = words(rng, 40)
         data = text.encode()
         p = len(data)
-        while (p := prepare.safe_cut(data[:p - 1], 0) or 0) > 0:
+        while (p := corpus.safe_cut(data[:p - 1], 0) or 0) > 0:
             a, b = data[:p].decode(), data[p:].decode()
             assert ordinary(a) + ordinary(b) == ordinary(text), (a[-5:], b[:5])
             cuts += 1
     assert cuts > 1000
     # Where a cut after a newline would not be safe: "\n\n" is one token.
-    assert prepare.safe_cut(b"a\n\nb", 0) is None and prepare.safe_cut(b"a\nb", 0) == 2
+    assert corpus.safe_cut(b"a\n\nb", 0) is None and corpus.safe_cut(b"a\nb", 0) == 2
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -90,8 +90,10 @@ def test_a_folder_is_each_documents_tokens_then_end_of_text(books, tmp_path, mon
     assert corpus.check(d, "unused")[1].ready
 
 
-def test_one_and_three_workers_write_the_same_bytes(books, tmp_path, monkeypatch):
+@pytest.mark.parametrize("processes", [False, True])
+def test_one_and_three_workers_write_the_same_bytes(books, tmp_path, monkeypatch, processes):
     monkeypatch.setattr(prepare, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(prepare, "PROCESSES_FROM_BYTES", 0 if processes else 1 << 40)  # worker processes, or threads
     outputs = []
     for workers in (1, 3):
         spec = corpus.spec_from_config(data_config(books, tmp_path))
