@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 5's GPU figures in one short run: the bench at GPT-2 124M, context 1024, bfloat16 compute, at batch
-# BATCH (default 16: estimated, not yet measured, to fit an 80 GB H100 in about 35 GB; an H200 has 141 GB),
-# once per attention in ATTENTION (default "cudnn explicit": cuDNN's fused kernel, then the written-out
-# one), each printed as one JSON object, after the GPU's name.
+# The GPU figures in one short run: the bench at GPT-2 124M, context 1024, bfloat16 compute, at batch BATCH
+# (default 16: estimated, not yet measured, to fit an 80 GB H100 in about 35 GB; an H200 has 141 GB) on one
+# GPU, once per attention in ATTENTION (default "cudnn explicit": cuDNN's fused kernel, then the written-out
+# one); then, on a machine with several GPUs, the data-parallel and FSDP meshes over all of them at BATCH rows
+# per GPU. Each run prints one JSON object, after the GPUs' names.
 #
 # On a lent GPU machine (the device tool): its image has jax with CUDA, flax, optax, orbax and tiktoken but
 # not ml_collections, and nothing can be fetched there, so first, here, in the repository root:
@@ -20,8 +21,19 @@ fi
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
-for attention in ${ATTENTION:-cudnn explicit}; do
+bench() {
   "$PYTHON" -m mygpt_jax.bench --config "${CONFIG:-configs/gpt2_124m.py}" --config.model.dtype=bfloat16 \
-    --config.model.drop_rate=0.0 --config.model.attention="$attention" --config.train.batch_size="${BATCH:-16}" \
-    --steps=10 --json "$@" || echo "{\"attention\": \"$attention\", \"failed\": true}"
+    --config.model.drop_rate=0.0 --steps=10 --json "$@" || echo "{\"args\": \"$*\", \"failed\": true}"
+}
+# One device (the mesh is 1 x 1 x 1), once per attention.
+for attention in ${ATTENTION:-cudnn explicit}; do
+  CUDA_VISIBLE_DEVICES=${ONE_GPU:-0} bench --config.model.attention="$attention" --config.train.batch_size="${BATCH:-16}" "$@"
 done
+# Every GPU, BATCH rows each: data parallel, then FSDP (train_tokens_per_s_per_device against the one-device run's).
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+if [ "${GPUS:-0}" -gt 1 ]; then
+  for mesh in "--config.mesh.data=-1" "--config.mesh.data=1 --config.mesh.fsdp=-1"; do
+    # shellcheck disable=SC2086
+    bench --config.model.attention="${ATTENTION%% *}" --config.train.batch_size=$(( ${BATCH:-16} * GPUS )) $mesh "$@"
+  done
+fi

@@ -128,8 +128,9 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: Ba
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n_steps
     tokens_per_s = t.batch_size * cfg.context_length / step_s
     result = {"num_params": num_params, "train_compile_s": compile_s, "train_step_s": step_s,
-              "train_page_faults_per_step": faults,
-              "train_tokens_per_s": tokens_per_s, "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
+              "train_page_faults_per_step": faults, "train_mesh": dict(mesh.shape), "train_devices": mesh.size,
+              "train_tokens_per_s": tokens_per_s, "train_tokens_per_s_per_device": tokens_per_s / mesh.size,
+              "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
     if profile:
         _progress("train step: compiling it to record its ops, then one profiled step")
         profiled_step = steps.jit_train_step(sharding.model_on(mesh, cfg, backend), tx, t.grad_accum_steps,
@@ -265,8 +266,10 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
         decode_loop=config.sample.decode_loop,
         batch_size=config.train.batch_size,
         context_length=cfg.context_length, train_flops_reference=reference,
-        train_flops_fraction=result["train_flops_per_s"] / limits[f"matmul_flops_per_s_{reference}"],
-        train_mfu=None if peak is None else result["train_flops_per_s"] / peak,
+        # Of the devices together: the rate and the peak are one device's.
+        train_flops_fraction=result["train_flops_per_s"] / (limits[f"matmul_flops_per_s_{reference}"]
+                                                            * result["train_devices"]),
+        train_mfu=None if peak is None else result["train_flops_per_s"] / (peak * result["train_devices"]),
         decode_limit_tokens_per_s=decode_limit, decode_bandwidth_fraction=result["decode_tokens_per_s"] / decode_limit,
         kv_cache_speedup=result["decode_tokens_per_s"] / result["recompute_tokens_per_s"],
         compile_s=result["train_compile_s"] + result["decode_compile_s"] + result["recompute_compile_s"],
