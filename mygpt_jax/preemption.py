@@ -9,6 +9,9 @@ With several processes, one mechanism serves every signal: jax.distributed's pre
 handler installed outside Python (a Python handler would silently replace it), and its sync point
 (`multihost_utils.reached_preemption_sync_point`), which has every process stop at the same step. Ctrl-C
 joins it by sending this process a SIGTERM.
+
+JAX is imported by `StopSignals` only: `prepare` uses `signals_interrupt`, and its worker processes import what
+it imports, so JAX at the top here would cost each of them a second of start-up.
 """
 
 from __future__ import annotations
@@ -18,9 +21,6 @@ import os
 import signal
 import threading
 from typing import Any, Iterator
-
-import jax
-from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -55,6 +55,8 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
+        import jax
+
         self._synced = jax.process_count() > 1
 
     def __enter__(self) -> "StopSignals":
@@ -73,6 +75,8 @@ class StopSignals:
     def should_stop(self, step: int) -> bool:
         """Whether to save and stop after step `step` (asked at every step, by every process)."""
         if self._synced:
+            from jax.experimental import multihost_utils
+
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested is not None
 

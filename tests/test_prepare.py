@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 
@@ -103,6 +104,13 @@ def test_one_and_three_workers_write_the_same_bytes(books, tmp_path, monkeypatch
         outputs[-1].append(meta["fingerprint"])
     assert outputs[0] == outputs[1]
 
+
+
+def test_preparing_imports_no_jax():
+    """The worker processes import what the prepare command imports: JAX would cost each a second to start."""
+    code = "import sys, mygpt_jax.prepare; print(sorted(m for m in ('jax', 'flax', 'optax', 'orbax') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 def test_a_single_file_splits_its_characters_as_the_seed_did(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "CHUNK_BYTES", 1024)
