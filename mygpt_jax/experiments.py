@@ -43,7 +43,7 @@ import ml_collections
 from absl import logging
 
 from mygpt_jax import backends, checkpoint, hardware, plots, train
-from mygpt_jax.config import changed_settings, validate
+from mygpt_jax.config import changed_settings, run_folder, validate
 from mygpt_jax.errors import UserError
 from mygpt_jax.overrides import (get_value, load_config, load_module, override_key, parse_override, set_value,
                                  split_args)
@@ -85,7 +85,7 @@ class Run:
 
     @property
     def dir(self) -> str:
-        return os.path.join(self.config.checkpoint_dir, self.config.run_name)
+        return run_folder(self.config)
 
 
 # ------------------------------------------------------------------------------------------- sweep files
