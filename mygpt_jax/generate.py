@@ -168,8 +168,8 @@ class Generator:
         padded = np.zeros((self.settings.num_samples, _bucket(len(prompt), self.cfg.context_length)), np.int32)
         padded[:, :len(prompt)] = prompt
         # The cache holds the padded prompt and the new tokens, rounded up to a power of two, not the whole
-        # context: every decoding step's attention reads all of it (a 1024-position cache for 204 positions
-        # made the 124M model ~11% slower). It changes length only where the prompt's bucket does, so a
+        # context: every decoding step's attention reads all of it, used or not, so a cache of the whole context
+        # for a short text slows every step (measured: docs/performance.md). It changes length only where the prompt's bucket does, so a
         # chat recompiles the decoding step only when it recompiles the prefill.
         cache_length = _bucket(padded.shape[1] + max_new, self.cfg.context_length)
         return self._prefill(self.params, self._replicated(padded), self._replicated(np.int32(len(prompt))), max_new,

@@ -1,6 +1,6 @@
 """Where a jitted function's time goes: seconds per kind of XLA op, from a jax.profiler trace.
 
-    seconds = op_seconds(lambda: step(state, batch, rng))   # {"ynn_fusion": (3.3, 122), ...}
+    seconds = op_seconds(lambda: step(state, batch, rng))   # {"ynn_fusion": (seconds, count), ...}
 
 The function must be compiled with `hardware.jit_options(profile=True)` on a CPU, where XLA records an
 event per op only when asked. Ops are grouped by their HLO name without the numeric suffix: on XLA:CPU,
