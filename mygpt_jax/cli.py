@@ -2,15 +2,16 @@
 
 `run(main)` parses `--config configs/x.py --config.a.b=value` (the file's get_config(), locked so that unknown
 keys fail, then each override through `mygpt_jax.overrides`, in order), validates the config, prints the
-backend and its devices as the first line on stderr, resolves the config's "auto" values for that backend (`backends.resolve`), and calls `main(config)`.
-A bad flag or a `UserError` prints `error: ...` on one line and exits with status 2 or 1; Ctrl-C exits with
-130.
+backend and its devices as the first line on stderr, resolves the config's "auto" values for that backend
+(`backends.resolve`), and calls `main(config)`. A bad flag or a `UserError` prints `error: ...` on one line
+and exits with status 2 or 1; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 import ml_collections
 from absl import app, flags, logging

@@ -37,7 +37,8 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from absl import logging
@@ -45,8 +46,7 @@ from absl import logging
 from mygpt_jax import backends, checkpoint, hardware, plots, train
 from mygpt_jax.config import changed_settings, run_folder, validate
 from mygpt_jax.errors import UserError
-from mygpt_jax.overrides import (get_value, load_config, load_module, override_key, parse_override, set_value,
-                                 split_args)
+from mygpt_jax.overrides import get_value, load_config, load_module, override_key, parse_override, set_value, split_args
 
 # Summary values a sweep can report in results.md (results.csv always has them all): (column, format).
 METRICS = {"best_val_loss": ("best val loss", ".3f"), "final_val_loss": ("final val loss", ".3f"),
@@ -99,7 +99,7 @@ def _grid_variants(path: str, grid: Any) -> dict[str, dict[str, Any]]:
             raise UserError(f"{path}: GRID['{key}'] is empty; give it a list of at least one value")
     variants = {}
     for combo in itertools.product(*grid.values()):
-        overrides = dict(zip(grid, combo))
+        overrides = dict(zip(grid, combo, strict=True))
         name = ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items())
         if name in variants or "/" in name:
             raise UserError(f"{path}: GRID gives the variant name {name!r} twice or with a '/'; use VARIANTS "

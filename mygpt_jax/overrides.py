@@ -17,7 +17,8 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 

@@ -62,7 +62,7 @@ def test_a_config_from_a_file_is_locked_and_an_override_sets_no_new_key():
     assert config.train.num_epochs == 4  # a later override wins
     with pytest.raises(AttributeError):
         config.train.num_epochz = 3
-    with pytest.raises(UserError, match="wrong type; model.n_layers takes an integer"):
+    with pytest.raises(UserError, match=r"wrong type; model.n_layers takes an integer"):
         overrides.set_value(config, "model.n_layers", 2.5, "here")
 
 

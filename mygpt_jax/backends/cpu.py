@@ -12,8 +12,8 @@ Each one is a speed-up measured with `python -m mygpt_jax.bench` (the figures: d
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
