@@ -21,6 +21,7 @@ from tests.utils import (
     popen_cli,
     read_metrics,
     run_cli,
+    signal_mid_run,
     words,
 )
 
@@ -77,15 +78,8 @@ def test_sigterm_saves_the_step_and_the_rerun_resumes_with_the_same_losses(rando
     # A sample after every step: slow enough that the signal comes mid-run, and no change to the losses.
     args = [f"--config.checkpoint_dir={tmp_path}", f"--config.data.path={library}", *RANDOM,
             "--config.train.sample_every=1"]
-    proc = popen_cli("train", *args)
-    metrics = tmp_path / "tiny" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    status, err = signal_mid_run(signal.SIGTERM, tmp_path / "tiny", *args)
+    assert status == 130, err
     assert "Stopped by SIGTERM: saved update " in err and "Traceback" not in err, err
     saved = int(err.split("saved update ")[1].split()[0])
     assert 8 < saved < 24 and steps(tmp_path / "tiny") == [saved]  # no periodic checkpoint was due
