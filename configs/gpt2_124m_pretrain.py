@@ -11,7 +11,7 @@ extensions), one big text file, or a folder prepared before (train.bin, val.bin,
 
 On a CPU, to try it: --config.model.dtype=float32 (a CPU without bf16 units converts bf16 to float32 for every
 product), --config.train.batch_size=8 --config.train.grad_accum_steps=1 (8 windows a step instead of 480),
-and perhaps a smaller model (--config.model.n_layers=4); expect a few hundred tokens per second.
+and perhaps a smaller model (--config.model.n_layers=4); the rates a CPU reaches are in docs/performance.md.
 """
 
 from mygpt_jax.config import base_config

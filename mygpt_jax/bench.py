@@ -52,7 +52,7 @@ from mygpt_jax import backends, hardware, profiling, sharding, steps
 from mygpt_jax.backends import Backend
 from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings
-from mygpt_jax.model import GPT, ModelConfig, count_params, init_params, matmul_flops_per_token
+from mygpt_jax.model import ModelConfig, count_params, init_params, matmul_flops_per_token
 from mygpt_jax.tokenizer import encode
 
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
@@ -109,9 +109,8 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: Ba
                                 state_shardings=shardings, batch_sharding=batch_sharding)
     state = steps.init_state(cfg, tx, jax.random.key(t.seed), shardings)
     num_params = count_params(state.params)
-    batch = jax.device_put(jax.random.randint(jax.random.key(1), (t.grad_accum_steps, t.batch_size // t.grad_accum_steps,
-                                                                  cfg.context_length + 1), 0, cfg.vocab_size),
-                           batch_sharding)
+    shape = (t.grad_accum_steps, t.batch_size // t.grad_accum_steps, cfg.context_length + 1)
+    batch = jax.device_put(jax.random.randint(jax.random.key(1), shape, 0, cfg.vocab_size), batch_sharding)
     rng = sharding.put(jax.random.key(2), sharding.replicated(mesh))
 
     start = time.perf_counter()
@@ -159,7 +158,8 @@ def bench_memory(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: B
     abstract = jax.eval_shape(lambda: steps.new_state(init_params(cfg, jax.random.key(0)), tx))
     state = placed(abstract, shardings)
     whole = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
-    batch = jax.ShapeDtypeStruct((t.grad_accum_steps, micro, cfg.context_length + 1), jnp.int32, sharding=batch_sharding)
+    batch = jax.ShapeDtypeStruct((t.grad_accum_steps, micro, cfg.context_length + 1), jnp.int32,
+                                 sharding=batch_sharding)
     rng = placed(jax.eval_shape(lambda: jax.random.key(0)), sharding.replicated(mesh))
     _progress(f"compiling the train step on the mesh {dict(mesh.shape)} for its memory analysis")
     step = steps.jit_train_step(sharding.model_on(mesh, cfg, backend), tx, t.grad_accum_steps,
@@ -169,8 +169,9 @@ def bench_memory(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: B
     result = {"mesh": dict(mesh.shape), "devices": mesh.size, "num_params": count_params(abstract.params),
               "state_bytes_total": whole, "state_bytes_per_device": per_device, "state_fraction": per_device / whole}
     if analysis is not None:  # per device: the step's arguments (the state, the batch), outputs and temporaries
-        result.update(step_argument_bytes=analysis.argument_size_in_bytes, step_output_bytes=analysis.output_size_in_bytes,
-                      step_alias_bytes=analysis.alias_size_in_bytes, step_temp_bytes=analysis.temp_size_in_bytes,
+        result.update(step_argument_bytes=analysis.argument_size_in_bytes,
+                      step_output_bytes=analysis.output_size_in_bytes, step_alias_bytes=analysis.alias_size_in_bytes,
+                      step_temp_bytes=analysis.temp_size_in_bytes,
                       step_peak_bytes=analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                       - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
     return result
@@ -182,9 +183,9 @@ def memory_report(r: dict[str, Any]) -> str:
              f"({r['state_fraction']:.4f}; 1/{r['devices']} = {1 / r['devices']:.4f})"]
     if "step_peak_bytes" in r:
         lines.append(f"compiled train step per device: arguments {r['step_argument_bytes'] / 1e9:.3f} GB, outputs "
-                     f"{r['step_output_bytes'] / 1e9:.3f} GB ({r['step_alias_bytes'] / 1e9:.3f} GB of them in the donated "
-                     f"arguments), temporaries {r['step_temp_bytes'] / 1e9:.3f} GB: {r['step_peak_bytes'] / 1e9:.3f} GB "
-                     "in all")
+                     f"{r['step_output_bytes'] / 1e9:.3f} GB ({r['step_alias_bytes'] / 1e9:.3f} GB of them in the "
+                     f"donated arguments), temporaries {r['step_temp_bytes'] / 1e9:.3f} GB: "
+                     f"{r['step_peak_bytes'] / 1e9:.3f} GB in all")
     return "\n".join(lines)
 
 
@@ -256,7 +257,8 @@ def run_benchmark(config: ml_collections.ConfigDict) -> dict[str, Any]:
     result.update(bench_decode(config, cfg, backend, _DECODE_TOKENS.value, _DECODE_RUNS.value,
                                _RECOMPUTE_TOKENS.value))
     _progress("matmul rate and memory bandwidth again")
-    limits = {key: max(value, again) for (key, value), again in zip(limits.items(), machine_limits(backend).values())}
+    again = machine_limits(backend)
+    limits = {key: max(value, again[key]) for key, value in limits.items()}
 
     peak = hardware.gpu_peak_flops()
     reference = "bfloat16" if cfg.dtype == "bfloat16" else "float32"  # the matmul rate the step is compared with

@@ -52,7 +52,8 @@ def sample_text(megabytes: float, seed: int = 0) -> str:
     pieces = [data.load_text("")]
     for path in sources:
         try:
-            pieces.append(open(path, encoding="utf-8").read())
+            with open(path, encoding="utf-8") as f:
+                pieces.append(f.read())
         except (UnicodeDecodeError, OSError):
             continue
     out, size = [], 0

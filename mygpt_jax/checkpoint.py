@@ -20,7 +20,8 @@ import os
 import re
 import socket
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,7 @@ def save(run_dir: str, step: int, params: Any, meta: dict, opt_state: Any = None
         with _manager(run_dir, max_to_keep, create=True) as mngr, _no_error_logs():
             mngr.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # Orbax and TensorStore raise many types; a full disk is one of them
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e)
         kept = latest_step(run_dir)
         kept = f"the checkpoint of step {kept} is kept" if kept is not None else "no checkpoint was kept"
         _remove_unfinished(run_dir)
@@ -168,7 +169,7 @@ class RunLock:
         self.path = os.path.join(run_dir, "train.lock")
         self.file = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -166,7 +166,7 @@ def changes(spec: Spec, meta: dict) -> list[str]:
     """What differs between the corpus's files now and those `meta` was prepared from ([] = nothing):
     (path, size, mtime) compared for every file, the content hashed only where size or mtime moved."""
     recorded = {rel: (size, mtime, sha) for rel, size, mtime, sha in
-                zip(*(meta["files"][k] for k in ("path", "size", "mtime_ns", "sha256")))}
+                zip(*(meta["files"][k] for k in ("path", "size", "mtime_ns", "sha256")), strict=True)}
     now = {s.rel: s for s in find_sources(spec)}
     found = [f"{rel} added" for rel in sorted(now.keys() - recorded.keys())]
     found += [f"{rel} removed" for rel in sorted(recorded.keys() - now.keys())]

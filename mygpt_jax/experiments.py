@@ -29,8 +29,6 @@ import contextlib
 import copy
 import csv
 import dataclasses
-import difflib
-import importlib.util
 import itertools
 import json
 import os
@@ -39,14 +37,16 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from absl import logging
 
 from mygpt_jax import backends, checkpoint, hardware, plots, train
-from mygpt_jax.config import changed_settings, flatten, validate
+from mygpt_jax.config import changed_settings, run_folder, validate
 from mygpt_jax.errors import UserError
+from mygpt_jax.overrides import get_value, load_config, load_module, override_key, parse_override, set_value, split_args
 
 # Summary values a sweep can report in results.md (results.csv always has them all): (column, format).
 METRICS = {"best_val_loss": ("best val loss", ".3f"), "final_val_loss": ("final val loss", ".3f"),
@@ -56,8 +56,6 @@ DEFAULT_METRICS = ["best_val_loss", "final_val_loss", "final_train_loss", "num_p
 SWEEP_DEFAULTS = {"train.sample_every_epoch": False, "train.max_to_keep": 1}
 IDENTITY_KEYS = ("run_name", "checkpoint_dir", "train.seed")  # set per run by the sweep itself
 SWEEP_NAMES = {"BASE", "GRID", "VARIANTS", "SEEDS", "QUICK", "METRICS"}
-TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
-KEYS_HINT = "the keys and their defaults are in mygpt_jax/config.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,66 +85,7 @@ class Run:
 
     @property
     def dir(self) -> str:
-        return os.path.join(self.config.checkpoint_dir, self.config.run_name)
-
-
-# ----------------------------------------------------------------------------------------------- configs
-
-
-def get_value(config: ml_collections.ConfigDict, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def check_key(config: ml_collections.ConfigDict, key: str, where: str) -> Any:
-    """The current value of a dotted key; an unknown key is a UserError (starting with `where`)."""
-    keys = flatten(config.to_dict())
-    if key not in keys:
-        close = difflib.get_close_matches(key, keys, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"{where}: unknown config key '{key}'{hint}; {KEYS_HINT}")
-    return keys[key]
-
-
-def set_value(config: ml_collections.ConfigDict, key: str, value: Any, where: str) -> None:
-    """config.<key> = value, checked like a --config override (the key exists, the type matches)."""
-    kind = type(check_key(config, key, where))
-    if not (type(value) is kind or (kind is float and type(value) is int)):
-        raise UserError(f"{where}: {key} = {value!r} has the wrong type; {key} takes {TYPE_NAMES[kind]}")
-    *parents, leaf = key.split(".")
-    node = get_value(config, ".".join(parents)) if parents else config
-    node[leaf] = kind(value)
-
-
-def parse_override(arg: str, config: ml_collections.ConfigDict) -> tuple[str, Any]:
-    """'--config.train.learning_rate=1e-3' -> ('train.learning_rate', 0.001), typed like the current value."""
-    key, sep, text = arg.removeprefix("--config.").partition("=")
-    if not sep:
-        raise UserError(f"{arg}: write overrides as --config.<key>=<value>")
-    kind = type(check_key(config, key, arg))
-    try:
-        if kind is bool:
-            return key, {"true": True, "false": False, "1": True, "0": False}[text.lower()]
-        return key, kind(text)
-    except (KeyError, ValueError):
-        raise UserError(f"{arg}: {text!r} is not {TYPE_NAMES[kind]} (the type of {key})") from None
-
-
-def load_module(path: str, what: str) -> Any:
-    """Import a Python file by path (a config or sweep file); a missing or broken file is a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_mygpt_{os.path.basename(path)[:-3]}", path)
-    if spec is None:  # importlib reads only files named *.py
-        raise UserError(f"{what} {path} is not a Python file; give the path of a .py file")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise UserError(f"cannot load {what} {path}: {type(e).__name__}: {e}") from None
-    return module
+        return run_folder(self.config)
 
 
 # ------------------------------------------------------------------------------------------- sweep files
@@ -160,7 +99,7 @@ def _grid_variants(path: str, grid: Any) -> dict[str, dict[str, Any]]:
             raise UserError(f"{path}: GRID['{key}'] is empty; give it a list of at least one value")
     variants = {}
     for combo in itertools.product(*grid.values()):
-        overrides = dict(zip(grid, combo))
+        overrides = dict(zip(grid, combo, strict=True))
         name = ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items())
         if name in variants or "/" in name:
             raise UserError(f"{path}: GRID gives the variant name {name!r} twice or with a '/'; use VARIANTS "
@@ -211,10 +150,7 @@ def load_sweep(path: str) -> Sweep:
     for key in keys:
         if key in IDENTITY_KEYS:
             raise UserError(f"{path}: {key} is set by the sweep for each run; it cannot be a variant's override")
-    config_module = load_module(module.BASE, f"{path}: BASE config")
-    if not callable(getattr(config_module, "get_config", None)):
-        raise UserError(f"{path}: BASE config {module.BASE} has no get_config(); use a file from configs/")
-    base = config_module.get_config()
+    base = load_config(module.BASE, f"{path}: BASE config")
     for key, value in SWEEP_DEFAULTS.items():
         set_value(base, key, value, path)
     doc = (module.__doc__ or "").strip()
@@ -267,7 +203,7 @@ class Plan:
     @property
     def columns(self) -> list[str]:
         """The overridden keys shown in results.csv: the varied ones, then those set for every run."""
-        common = [arg.removeprefix("--config.").partition("=")[0] for arg in self.common]
+        common = [override_key(arg) for arg in self.common]
         return list(dict.fromkeys(self.sweep.keys + [k for k in common if k not in IDENTITY_KEYS]))
 
 
@@ -495,17 +431,12 @@ def dry_run(plan: Plan) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, bool, bool, list[str]]:
-    """(sweep file, --dry-run, --quick, --config overrides); `--config.k v` is read as `--config.k=v`."""
-    args, paths, overrides = list(argv), [], []
-    options = {"--dry-run": False, "--quick": False}
-    while args:
-        arg = args.pop(0)
+    """(sweep file, --dry-run, --quick, --config overrides), the overrides as `overrides.split_args` reads them."""
+    overrides, args = split_args(argv)
+    paths, options = [], {"--dry-run": False, "--quick": False}
+    for arg in args:
         if arg in options:
             options[arg] = True
-        elif arg.startswith("--config.") and "=" not in arg and args:
-            overrides.append(f"{arg}={args.pop(0)}")
-        elif arg.startswith("--config."):
-            overrides.append(arg)
         elif arg.startswith("-"):
             raise UserError(f"unknown option {arg}; use --dry-run, --quick or --config.<key>=<value>")
         else:

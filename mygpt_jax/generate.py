@@ -17,7 +17,9 @@ fastest).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, NamedTuple
+import functools
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +27,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mygpt_jax.backends import Backend
 from mygpt_jax import sharding
+from mygpt_jax.backends import Backend
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, KVCache, ModelConfig, init_cache
 from mygpt_jax.tokenizer import END_OF_TEXT_ID
@@ -47,7 +49,7 @@ class SamplingSettings:
             raise ValueError(f"decode_loop {self.decode_loop!r}: resolve the config first (backends.resolve)")
 
     @classmethod
-    def from_config(cls, sample: ml_collections.ConfigDict) -> "SamplingSettings":
+    def from_config(cls, sample: ml_collections.ConfigDict) -> SamplingSettings:
         return cls(temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
                    max_new_tokens=sample.max_new_tokens, num_samples=sample.num_samples,
                    decode_loop=sample.decode_loop)
@@ -168,9 +170,9 @@ class Generator:
         padded = np.zeros((self.settings.num_samples, _bucket(len(prompt), self.cfg.context_length)), np.int32)
         padded[:, :len(prompt)] = prompt
         # The cache holds the padded prompt and the new tokens, rounded up to a power of two, not the whole
-        # context: every decoding step's attention reads all of it (a 1024-position cache for 204 positions
-        # made the 124M model ~11% slower). It changes length only where the prompt's bucket does, so a
-        # chat recompiles the decoding step only when it recompiles the prefill.
+        # context: every decoding step's attention reads all of it, used or not, so a cache of the whole context
+        # for a short text slows every step (measured: docs/performance.md). It changes length only where the
+        # prompt's bucket does, so a chat recompiles the decoding step only when it recompiles the prefill.
         cache_length = _bucket(padded.shape[1] + max_new, self.cfg.context_length)
         return self._prefill(self.params, self._replicated(padded), self._replicated(np.int32(len(prompt))), max_new,
                              cache_length, self._replicated(rng)), notes
@@ -195,15 +197,14 @@ class Generator:
         if self.settings.decode_loop == "device":
             state = self._loop(self.params, state)
         else:
-            for state in self._steps(state):
-                pass
+            state = functools.reduce(lambda _, after: after, self._steps(state), state)  # the last step's state
         return self._trim(_to_host(state.tokens)[:, :int(state.count)]), notes
 
     def stream(self, prompt: list[int], rng: jax.Array) -> Iterator[np.ndarray]:
         """Yield the next token of every sample, (num_samples,), until all stop or max_new_tokens."""
         state, _ = self._start(prompt, rng)
-        for state in self._steps(state):
-            yield _to_host(state.tokens)[:, int(state.count) - 1]
+        for step in self._steps(state):
+            yield _to_host(step.tokens)[:, int(step.count) - 1]
 
     def _steps(self, state: DecodeState) -> Iterator[DecodeState]:
         """The state after each jitted step called from Python, until every sample stops or max_new_tokens."""

@@ -24,9 +24,10 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def use_compilation_cache(directory: str, min_seconds: float) -> None:
     """Keep compiled XLA programs in `directory` (jax's persistent compilation cache; "" leaves it off), those
-    that took at least `min_seconds` to compile: a command run again loads them instead of compiling (the
-    124M decoding's first text 9.0 -> 6.0 s, README). A folder that cannot be written gets one warning line and
-    no cache (jax would print Python warnings with source lines when it fails to read or write it)."""
+    that took at least `min_seconds` to compile: a command run again loads them instead of compiling, so its
+    first step or first text comes sooner (measured: docs/performance.md). A folder that cannot be written gets
+    one warning line and no cache (jax would print Python warnings with source lines when it fails to read or
+    write it)."""
     if not directory:
         return
     directory = os.path.expanduser(directory)

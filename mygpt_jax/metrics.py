@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -61,7 +62,8 @@ class Evaluator:
         else:  # no step since the last measurement (the final evaluation right after an epoch's sample)
             tokens_per_s = self.records[-1]["tokens_per_s"]
         losses = {split: evaluate(self.eval_step, params, tokens, starts, self.context_length, self.batch_size,
-                                  self.micro_batch_size, self.mesh) for split, (tokens, starts) in self.eval_sets.items()}
+                                  self.micro_batch_size, self.mesh)
+                  for split, (tokens, starts) in self.eval_sets.items()}
         lr, devices = self.learning_rate, self.mesh.size
         flops = tokens_per_s * self.flops_per_token
         record = {"update": step + 1, "step": step, "epoch": epoch, "tokens_seen": tokens_seen,

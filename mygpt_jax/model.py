@@ -16,7 +16,8 @@ module gets (mygpt_jax/backends/): the model itself is the same on every device.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,7 +48,7 @@ class ModelConfig:
     vocab_multiple: int = 1  # the embedding and head rows are padded to a multiple of this (never predicted)
 
     @classmethod
-    def from_config(cls, model: ml_collections.ConfigDict) -> "ModelConfig":
+    def from_config(cls, model: ml_collections.ConfigDict) -> ModelConfig:
         """From a config's `model` section; keys it lacks (a checkpoint saved before they existed) get the
         defaults here."""
         return cls(**{f.name: model.get(f.name, f.default) for f in dataclasses.fields(cls)})
@@ -181,7 +182,7 @@ def _explicit_attention(cfg: ModelConfig, qkv: jax.Array, dropout: nn.Module, de
     scores = jnp.where(visible, scores.astype(jnp.float32) / cfg.head_dim ** 0.5, jnp.finfo(jnp.float32).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype), deterministic)
     weights = jnp.split(weights, np.cumsum([keys.shape[2] for keys, _, _ in blocks[:-1]]), axis=-1)
-    out = sum(jnp.einsum("bhqk,bhkd->bqhd", w, values) for w, (_, values, _) in zip(weights, blocks))
+    out = sum(jnp.einsum("bhqk,bhkd->bqhd", w, values) for w, (_, values, _) in zip(weights, blocks, strict=True))
     return out, cache
 
 

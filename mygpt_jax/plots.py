@@ -1,7 +1,7 @@
 """Loss curves as PNG files, drawn with matplotlib's object API (no pyplot, no display).
 
-matplotlib is imported when the first figure is made, not with this module: importing it (with pyplot)
-took ~2 s, which every command-line start paid, a one-line config error included.
+matplotlib is imported when the first figure is made, not with this module: importing it (with pyplot) is
+slow, and every command-line start paid for it, a one-line config error included.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -59,7 +60,7 @@ class StopSignals:
 
         self._synced = jax.process_count() > 1
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if _in_main_thread():
             handled = (signal.SIGINT,) if self._synced else SIGNALS
             self._previous = {s: signal.signal(s, self._handle) for s in handled}

@@ -3,9 +3,9 @@
 `train` does the same on first use. The files are read in chunks and tokenized by `data.workers` worker
 processes (threads for a small corpus, where starting processes would cost more than it saves: tiktoken
 releases the GIL only for part of its work), the results written in order, so memory stays bounded whatever
-the corpus's size and 1 or N workers write byte-identical files. A file is cut into chunks only after a newline with printable
-ASCII on both sides: no GPT-2 pre-token crosses such a point (a newline after other whitespace can join it:
-"\\n\\n" is one token), so a chunk's tokens are those of the whole file at that place.
+the corpus's size and 1 or N workers write byte-identical files. A file is cut into chunks only after a newline
+with printable ASCII on both sides: no GPT-2 pre-token crosses such a point (a newline after other whitespace
+can join it: "\\n\\n" is one token), so a chunk's tokens are those of the whole file at that place.
 
 Documents: in a folder or glob every file is one document, its `encode_ordinary` tokens followed by
 <|endoftext|>; a file goes to validation when the hash of its relative path falls in the last (1 - train_ratio)
@@ -33,7 +33,8 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -137,7 +138,7 @@ class _TokenFile:
 
     def __init__(self, path: str):
         self.path = path
-        self.file = open(path, "wb")
+        self.file = open(path, "wb")  # noqa: SIM115 - open while the split is written; close() closes it
         self.tokens = 0
 
     def write(self, ids: np.ndarray) -> None:
@@ -365,7 +366,8 @@ def _meta(spec: Spec, sources: list[Source], reader: _Reader, spans: dict, bad: 
         "split": rule, "end_of_text": spec.kind != "file",
         "files": {"path": [s.rel for s in sources], "size": [s.size for s in sources],
                   "mtime_ns": [s.mtime_ns for s in sources], "sha256": [reader.sha256.get(d, "") for d in docs],
-                  "split": [split_of(d) for d in docs], "tokens": [sum(n for _, _, n in spans.get(d, [])) for d in docs],
+                  "split": [split_of(d) for d in docs],
+                  "tokens": [sum(n for _, _, n in spans.get(d, [])) for d in docs],
                   "note": [bad.get(d, "empty" if reader.bytes_read.get(d) == 0 else "") for d in docs]},
         **splits,
         "skipped": {"empty": sum(reader.bytes_read.get(d) == 0 for d in docs), "not_text": len(bad)},
@@ -383,7 +385,7 @@ def _report(folder: str, meta: dict, total_bytes: int, out: Any) -> None:
           f"{meta['train']['tokens']:,} training + {meta['val']['tokens']:,} validation tokens (split by "
           f"{meta['split']}) in {seconds:.1f} s: {total_bytes / 1e6 / seconds:.2f} MB/s, {tokens / seconds:,.0f} "
           f"tokens/s on {prepared['workers']} workers", file=out)
-    bad = [f"{p} ({n})" for p, n in zip(files["path"], files["note"]) if n and n != "empty"]
+    bad = [f"{p} ({n})" for p, n in zip(files["path"], files["note"], strict=True) if n and n != "empty"]
     if bad:
         print(f"Skipped {len(bad)} files that are not text: {corpus.describe(bad)}", file=sys.stderr)
 

@@ -1,6 +1,6 @@
 """Where a jitted function's time goes: seconds per kind of XLA op, from a jax.profiler trace.
 
-    seconds = op_seconds(lambda: step(state, batch, rng))   # {"ynn_fusion": (3.3, 122), ...}
+    seconds = op_seconds(lambda: step(state, batch, rng))   # {"ynn_fusion": (seconds, count), ...}
 
 The function must be compiled with `hardware.jit_options(profile=True)` on a CPU, where XLA records an
 event per op only when asked. Ops are grouped by their HLO name without the numeric suffix: on XLA:CPU,
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import collections
 import glob
+import itertools
 import os
 import re
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -68,7 +70,7 @@ def _share_overlaps(ops: list[tuple[int, int, str]]) -> collections.Counter:
     starts = sorted(ops)
     running: list[tuple[int, str]] = []  # (end, kind) of the ops running in the current segment
     i = 0
-    for left, right in zip(edges, edges[1:]):
+    for left, right in itertools.pairwise(edges):
         running = [(end, kind) for end, kind in running if end > left]
         while i < len(starts) and starts[i][0] <= left:
             if starts[i][1] > left:

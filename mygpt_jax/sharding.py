@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -160,7 +161,7 @@ def activation_constraint(mesh: Mesh) -> Callable[[jax.Array, tuple[str, ...]], 
     return constrain
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _named(mesh: Mesh, names: tuple[str, ...]) -> NamedSharding:
     return nn.logical_to_mesh_sharding(PartitionSpec(*names), mesh, RULES)
 

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 import mygpt_jax
-from mygpt_jax import backends, checkpoint, corpus, data, distributed, hardware, prepare, preemption, sharding, steps
+from mygpt_jax import backends, checkpoint, corpus, data, distributed, hardware, preemption, prepare, sharding, steps
 from mygpt_jax.config import changed_settings, run_folder
 from mygpt_jax.errors import Interrupted, UserError
 from mygpt_jax.generate import Generator, SamplingSettings
@@ -132,8 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         epochs = config.data.sampling == "epochs"
         data_meta = {"fingerprint": prepared.fingerprint, "folder": prepared.folder}
         run_meta = {"rng": np.asarray(jax.random.key_data(dropout_rng)).tolist(), "config": config.to_dict()}
-        evaluator = Evaluator(eval_step, eval_sets, cfg.context_length, t.batch_size, micro_batch, mesh, flops_per_token,
-                              peak_flops, lr, tokens_seen, log.records)
+        evaluator = Evaluator(eval_step, eval_sets, cfg.context_length, t.batch_size, micro_batch, mesh,
+                              flops_per_token, peak_flops, lr, tokens_seen, log.records)
         bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, disable=None if primary else True,
                    file=sys.stderr)
 
@@ -258,8 +258,8 @@ def _prepared_corpus(config: ml_collections.ConfigDict, saved: dict | None, say:
     d = config.data
     spec, status = corpus.check(d, config.checkpoint_dir)
     trained_on = (saved or {}).get("data", {}).get("fingerprint")
-    refuse = (f"; rerun with --config.data.allow_changes=True to train on the corpus as it is now, or start "
-              f"fresh with --config.train.resume=False") if trained_on and not d.allow_changes else None
+    refuse = ("; rerun with --config.data.allow_changes=True to train on the corpus as it is now, or start "
+              "fresh with --config.train.resume=False") if trained_on and not d.allow_changes else None
     if refuse and status.stale:
         raise UserError(f"the corpus changed since the checkpoint of update {saved['step']} "
                         f"({corpus.describe(status.stale)}){refuse}")

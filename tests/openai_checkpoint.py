@@ -15,7 +15,7 @@ from mygpt_jax.pretrained.download import FILENAMES
 from tests.numpy_gpt2 import logits, random_weights
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import tensorflow as tf  # noqa: E402  (after silencing its C++ logging)
+import tensorflow as tf  # after silencing its C++ logging
 
 tf.get_logger().setLevel("ERROR")  # the Saver's deprecation warning
 

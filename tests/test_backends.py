@@ -2,6 +2,7 @@
 the generator compute as their profile says (each field that differs between profiles)."""
 
 import dataclasses
+import functools
 import re
 import types
 
@@ -72,7 +73,7 @@ def test_auto_values_resolve_to_the_profiles_and_explicit_values_win():
     assert resolved(CPU, model__dtype="bfloat16", sample__decode_loop="host",
                     model__attention="xla", model__drop_rate=0.0) == ("bfloat16", "xla", "host")
     if not backends.has_cudnn_attention():
-        with pytest.raises(UserError, match="model.attention='cudnn' needs an NVIDIA GPU"):
+        with pytest.raises(UserError, match=r"model.attention='cudnn' needs an NVIDIA GPU"):
             resolved(CPU, model__attention="cudnn", model__drop_rate=0.0, model__dtype="bfloat16")
     with pytest.raises(UserError, match="cuDNN's fused attention runs in 16 bits"):  # checked once resolved
         resolved(for_platform("METAL"), model__attention="cudnn", model__drop_rate=0.0)
@@ -118,8 +119,9 @@ def test_the_cpu_profiles_weight_gradients_are_plain_matmuls_with_autodiffs_grad
     for tie in (False, True):
         cfg = dataclasses.replace(CFG, tie_embeddings=tie)
         tied = init_params(cfg, jax.random.key(0)) if tie else params
-        grads = [jax.jit(jax.grad(lambda p: steps.loss_fn(GPT(cfg, b), p, batch, None)))(tied) for b in (CPU, CUDA)]
-        for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
+        grads = [jax.jit(jax.grad(functools.partial(steps.loss_fn, GPT(cfg, backend))))(tied, batch, None)
+                 for backend in (CPU, CUDA)]
+        for a, b in zip(*map(jax.tree_util.tree_leaves, grads), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -132,7 +134,7 @@ def test_cpu_matmul_has_autodiffs_values_and_gradients(dtype, tolerance):
         return jax.jit(jax.value_and_grad(lambda x, w: (product(x, w) * dy).sum(), argnums=(0, 1)))(x, w)
 
     ours, autodiff = value_and_grads(cpu.matmul), value_and_grads(lambda x, w: x @ w)
-    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(autodiff)):
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(autodiff), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tolerance, atol=tolerance)
 

@@ -21,10 +21,11 @@ from mygpt_jax.model import GPT, init_params
 from mygpt_jax.pretrained.convert import convert_checkpoint, model_config_from_hparams, read_hparams
 from mygpt_jax.pretrained.download import FILENAMES
 from mygpt_jax.pretrained.load import load_gpt2, size_from_name
-
-from tests.openai_checkpoint import numpy_gpt2 as reference_logits
-from tests.openai_checkpoint import openai_variables as _openai_variables
-from tests.openai_checkpoint import write_checkpoint as _write_checkpoint
+from tests.openai_checkpoint import (
+    numpy_gpt2 as reference_logits,
+    openai_variables as _openai_variables,
+    write_checkpoint as _write_checkpoint,
+)
 
 HPARAMS = {"n_vocab": 200, "n_ctx": 32, "n_embd": 32, "n_head": 4, "n_layer": 2}
 

@@ -142,8 +142,7 @@ def test_a_bad_sweep_file_is_an_error_naming_the_file_and_the_key(tmp_path, body
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config.train.num_epochz=3"], "--config.train.num_epochz=3: unknown config key 'train.num_epochz' "
-                                      "(did you mean 'train.num_epochs'?)"),
+    (["--config.train.num_epochz=3"], "unknown config key 'train.num_epochz' (did you mean 'train.num_epochs'?)"),
     (["--config.train.num_epochs=three"], "--config.train.num_epochs=three: 'three' is not an integer"),
     (["--config.model.drop_rate=0.3"], "model.drop_rate is set per run by"),
     (["--fast"], "unknown option --fast"),

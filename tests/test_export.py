@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,8 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from configs.tiny import get_config
-from mygpt_jax import backends
-from mygpt_jax import tokenizer
+from mygpt_jax import backends, tokenizer
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, ModelConfig
 from mygpt_jax.pretrained import hub
@@ -90,8 +90,8 @@ def test_the_export_folder_is_what_transformers_reads(run):
         assert f.get_slice("lm_head.weight").get_shape() == [50257, 32]
     assert names == {name if name == "lm_head.weight" else f"transformer.{name}"
                      for name in hub.tensor_layout(cfg)}
-    assert (out / "vocab.json").read_bytes() == open(tokenizer.bundled_file("encoder.json"), "rb").read()
-    assert (out / "merges.txt").read_bytes() == open(tokenizer.bundled_file("vocab.bpe"), "rb").read()
+    assert (out / "vocab.json").read_bytes() == Path(tokenizer.bundled_file("encoder.json")).read_bytes()
+    assert (out / "merges.txt").read_bytes() == Path(tokenizer.bundled_file("vocab.bpe")).read_bytes()
     assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == "<|endoftext|>"
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 32
     assert json.loads((out / "generation_config.json").read_text()) == {
@@ -146,7 +146,7 @@ def test_a_model_transformers_cannot_express_names_its_key_or_parameter():
         rotary: bool = False
 
     cfg = WithRotary(vocab_size=200, context_length=32, emb_dim=32, n_heads=4, n_layers=1, rotary=True)
-    with pytest.raises(UserError, match="model.rotary=True has no equivalent in transformers' GPT2LMHeadModel; only "
+    with pytest.raises(UserError, match=r"model.rotary=True has no equivalent in transformers' GPT2LMHeadModel; only "
                                         "a model with model.rotary=False can be exported"):
         hub.to_hub(cfg, {})
     cfg = ModelConfig(vocab_size=200, context_length=32, emb_dim=32, n_heads=4, n_layers=1)

@@ -9,9 +9,9 @@ import pytest
 
 from configs.tiny import get_config
 from mygpt_jax import data, hardware
-from mygpt_jax.cli import CONFIG_FILE_HINT
 from mygpt_jax.config import validate
 from mygpt_jax.errors import UserError
+from mygpt_jax.overrides import CONFIG_FILE_HINT
 from tests.utils import REPO, after_the_device_line, cli_env, run_cli
 
 

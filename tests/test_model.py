@@ -191,7 +191,7 @@ def test_fused_attention_has_the_explicit_attentions_values_and_gradients():
     (loss_explicit, grads_explicit), (loss_fused, grads_fused) = (
         jax.value_and_grad(functools.partial(loss, cfg))(params) for cfg in (SMALL_VOCAB, fused))
     np.testing.assert_allclose(loss_fused, loss_explicit, rtol=1e-6)
-    for a, b in zip(jax.tree_util.tree_leaves(grads_fused), jax.tree_util.tree_leaves(grads_explicit)):
+    for a, b in zip(jax.tree_util.tree_leaves(grads_fused), jax.tree_util.tree_leaves(grads_explicit), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     _, cache = jax.jit(GPT(fused, BACKEND).apply)({"params": params}, tokens[:, :4], cache=init_cache(fused, 2))
     assert jnp.abs(cache[0].k[:, :, :4]).sum() > 0  # the prompt's keys were written

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -16,7 +17,6 @@ import pytest
 
 from configs.tiny import get_config
 from mygpt_jax import corpus, prepare
-from mygpt_jax.errors import UserError
 from mygpt_jax.tokenizer import END_OF_TEXT_ID, get_tokenizer
 from tests.utils import after_the_device_line, in_small_filesystem, popen_cli, run_cli, words
 
@@ -100,7 +100,7 @@ def test_one_and_three_workers_write_the_same_bytes(books, tmp_path, monkeypatch
         spec = corpus.spec_from_config(data_config(books, tmp_path))
         folder = str(tmp_path / f"w{workers}")
         meta = prepare.prepare(spec, folder, workers)
-        outputs.append([open(os.path.join(folder, f"{s}.bin"), "rb").read() for s in corpus.SPLITS])
+        outputs.append([Path(folder, f"{s}.bin").read_bytes() for s in corpus.SPLITS])
         outputs[-1].append(meta["fingerprint"])
     assert outputs[0] == outputs[1]
 
@@ -200,9 +200,9 @@ def test_a_prepared_folder_of_another_format_is_refused_in_one_line(books, tmp_p
     spec, status = corpus.check(data_config(books, tmp_path), "unused")
     prepare.prepare(spec, status.folder, 2)
     meta_path = os.path.join(status.folder, corpus.META)
-    meta = json.load(open(meta_path))
+    meta = json.loads(Path(meta_path).read_text())
     meta["format"] = 0
-    json.dump(meta, open(meta_path, "w"))
+    Path(meta_path).write_text(json.dumps(meta))
     # As data.path, the folder is used as it is: one line says why it cannot be.
     result = run_cli("train", f"--config.data.path={status.folder}", f"--config.checkpoint_dir={tmp_path}")
     lines = result.stderr.strip().splitlines()
@@ -233,11 +233,11 @@ def test_an_interrupted_preparation_leaves_nothing_taken_as_complete(tmp_path, s
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("Interrupted: stopped preparing ") and "Traceback" not in err
     assert list(cache.iterdir()) == []  # no folder, finished or not
-    spec, status = corpus.check(data_config(tmp_path / "big", tmp_path, cache_dir=""), str(tmp_path))
+    _, status = corpus.check(data_config(tmp_path / "big", tmp_path, cache_dir=""), str(tmp_path))
     assert status.meta is None
 
 
@@ -246,7 +246,8 @@ def test_a_full_disk_while_preparing_is_one_line_and_keeps_nothing(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     result = in_small_filesystem(1, cache, [sys.executable, "-m", "mygpt_jax.prepare", "--config", "configs/tiny.py",
-                                            f"--config.data.path={tmp_path / 'big'}", f"--config.data.cache_dir={cache}"])
+                                            f"--config.data.path={tmp_path / 'big'}",
+                                            f"--config.data.cache_dir={cache}"])
     lines = after_the_device_line(result)
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: the disk is full: no space left to write ") and "nothing was kept" in lines[0]

@@ -32,7 +32,7 @@ def served(tmp_path_factory):
 
 
 def test_one_shot_sample_downloads_converts_then_uses_the_cache(served):
-    folder, server, args = served
+    _, server, args = served
     first = run_cli("sample", *args, "--config.sample.prompt=Every effort moves you",
                     "--config.sample.temperature=0", config=GPT2)
     assert first.returncode == 0, first.stderr

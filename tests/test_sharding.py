@@ -72,7 +72,8 @@ def sharded_steps() -> dict:
         losses, state = two_steps(sharding.make_mesh(mesh_config(*shape)))
         leaves = jax.tree_util.tree_leaves(jax.device_get(state))
         out[str(shape)] = {
-            "losses": losses, "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(leaves, ref_leaves)),
+            "losses": losses,
+            "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(leaves, ref_leaves, strict=True)),
             "c_fc": list(state.params["h_0"]["mlp"]["c_fc"]["kernel"].addressable_shards[0].data.shape),
             "wte": list(state.params["wte"]["embedding"].addressable_shards[0].data.shape),
             "wte_mu": list(state.opt_state[0].mu["wte"]["embedding"].addressable_shards[0].data.shape),

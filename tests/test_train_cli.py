@@ -13,8 +13,7 @@ from mygpt_jax.backends import has_cudnn_attention
 from mygpt_jax.data import default_text_path, load_text
 from mygpt_jax.errors import UserError
 from mygpt_jax.preemption import StopSignals
-from tests.utils import after_the_device_line, popen_cli, read_metrics, run_cli
-from tests.utils import checkpoint_steps as steps
+from tests.utils import after_the_device_line, checkpoint_steps as steps, read_metrics, run_cli, signal_mid_run
 
 RUN = ["--config.train.num_epochs=2", "--config.train.eval_freq=5", "--config.train.checkpoint_every=10",
        "--config.sample.num_samples=2"]  # the sample command's setting: training still prints one per epoch
@@ -62,7 +61,7 @@ def test_train_prints_losses_samples_and_writes_run_dir(full_run):
     samples = [line for line in lines if line.startswith("Every effort moves you")]
     assert len(samples) == 2  # one greedy sample after each epoch
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == list(range(0, 72, 5)) + [71]  # and the final model
+    assert [r["step"] for r in records] == [*range(0, 72, 5), 71]  # and the final model
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.5
     assert all(r["tokens_per_s"] > 0 and 0 < r["flops_fraction"] < 2 for r in records)
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -93,15 +92,9 @@ def test_ctrl_c_saves_and_the_rerun_resumes_bit_identically(full_run, tmp_path):
     full_ckpt, _ = full_run
     # Checkpointing every update, the interrupted update is always one already saved: the exit save must
     # not write it twice. (Checkpoint frequency does not change the losses.)
-    proc = popen_cli("train", f"--config.checkpoint_dir={tmp_path}", *RUN, "--config.train.checkpoint_every=1")
-    metrics = tmp_path / "tiny" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    status, err = signal_mid_run(signal.SIGINT, tmp_path / "tiny", f"--config.checkpoint_dir={tmp_path}", *RUN,
+                                 "--config.train.checkpoint_every=1")
+    assert status == 130, err
     assert "Interrupted: saved update" in err and "Traceback" not in err and err.count("nterrupted") == 1, err
     saved = int(err.split("Interrupted: saved update ")[1].split()[0])
     assert 0 < saved < 72 and steps(tmp_path / "tiny")[-1] == saved
@@ -193,7 +186,7 @@ def test_sample_completes_the_prompt_from_the_checkpoint(full_run):
     result = run_cli("sample", f"--config.checkpoint_dir={ckpt}")
     assert result.returncode == 0, result.stderr
     assert after_the_device_line(result)[0].startswith(f"loaded {ckpt}/tiny (update 72)")
-    last_training_sample = [l for l in train_result.stdout.splitlines() if l.startswith("Every effort")][-1]
+    last_training_sample = [line for line in train_result.stdout.splitlines() if line.startswith("Every effort")][-1]
     # greedy decoding of the same weights: the same text the training loop printed after its last epoch
     assert result.stdout.replace("\n", " ").strip() == last_training_sample.strip()
 

@@ -14,8 +14,16 @@ import time
 import pytest
 
 from mygpt_jax import corpus
-from tests.utils import checkpoint_steps as steps
-from tests.utils import after_the_device_line, in_small_filesystem, popen_cli, read_metrics, run_cli, words
+from tests.utils import (
+    after_the_device_line,
+    checkpoint_steps as steps,
+    in_small_filesystem,
+    popen_cli,
+    read_metrics,
+    run_cli,
+    signal_mid_run,
+    words,
+)
 
 RANDOM = ["--config.data.sampling=random", "--config.train.max_steps=24", "--config.train.eval_freq=8",
           "--config.train.checkpoint_every=100", "--config.train.flops_matmul_size=0", "--config.sample.prompt=the",
@@ -70,15 +78,8 @@ def test_sigterm_saves_the_step_and_the_rerun_resumes_with_the_same_losses(rando
     # A sample after every step: slow enough that the signal comes mid-run, and no change to the losses.
     args = [f"--config.checkpoint_dir={tmp_path}", f"--config.data.path={library}", *RANDOM,
             "--config.train.sample_every=1"]
-    proc = popen_cli("train", *args)
-    metrics = tmp_path / "tiny" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    status, err = signal_mid_run(signal.SIGTERM, tmp_path / "tiny", *args)
+    assert status == 130, err
     assert "Stopped by SIGTERM: saved update " in err and "Traceback" not in err, err
     saved = int(err.split("saved update ")[1].split()[0])
     assert 8 < saved < 24 and steps(tmp_path / "tiny") == [saved]  # no periodic checkpoint was due

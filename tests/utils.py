@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -33,6 +34,25 @@ def popen_cli(module: str, *args: str, config: str = TINY) -> subprocess.Popen:
     cmd = [sys.executable, "-m", f"mygpt_jax.{module}", "--config", config, *args]
     return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+def signal_mid_run(sig: int, run_dir, *args: str) -> tuple[int, str]:
+    """Start `python -m mygpt_jax.train <args>` and send it `sig` once its metrics.jsonl in `run_dir` holds two
+    records (mid-run, after a step); (its exit status, its stderr)."""
+    proc = popen_cli("train", *args)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and _count_lines(metrics) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def _count_lines(path: str) -> int:
+    with open(path) as f:
+        return f.read().count("\n")
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -8,7 +8,7 @@ and compare with `python -m mygpt_jax.bench` run right before or after it.
 
 It measures, in one process (float32, but for the one bfloat16 matmul rate):
 matmul     torch.mm of two random square matrices, best of 5: 2048 x 2048 in float32, 512 x 512 in bfloat16
-           (on a CPU without AVX-512-BF16 a bfloat16 product is about 300x slower than float32).
+           (a CPU without AVX-512-BF16 computes a bfloat16 product far slower than a float32 one: docs/performance.md).
 train      a plain eager PyTorch GPT (the seed model of configs/verdict.py: 768 wide, 12 layers, 12 heads,
            context 256, dropout 0.1, no qkv bias, untied head, GELU tanh, pre-LN) trained with AdamW
            (lr 4e-4, weight decay 0.1) on random tokens at batch 2: tokens/s over --steps steps after two

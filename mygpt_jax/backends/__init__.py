@@ -24,7 +24,7 @@ from mygpt_jax.backends import cpu
 from mygpt_jax.backends.profile import AS_TRAINED, STOCK, Backend, DecodeLayout
 from mygpt_jax.errors import UserError
 
-__all__ = ["AS_TRAINED", "STOCK", "Backend", "DecodeLayout", "PROFILES", "current", "describe", "for_platform",
+__all__ = ["AS_TRAINED", "PROFILES", "STOCK", "Backend", "DecodeLayout", "current", "describe", "for_platform",
            "resolve"]
 
 # The XLA:CPU kernels (backends/cpu.py) on CPUs; the stock layers everywhere else. bfloat16 where the chips

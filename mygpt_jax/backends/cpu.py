@@ -1,6 +1,6 @@
 """What XLA:CPU gets that other backends do not: the kernels of the `cpu` profile (mygpt_jax/backends/__init__.py).
 
-Each one is a speed-up measured with `python -m mygpt_jax.bench` (figures in docs/backends.md and the README):
+Each one is a speed-up measured with `python -m mygpt_jax.bench` (the figures: docs/backends.md):
 - `dot_general`: dense layers take their weight gradients as plain row-major matmuls (`matmul`), which
   YNNPACK runs, instead of autodiff's product contracting both operands' first axis, which Eigen runs.
 - `Dropout`: masks from a counter hash instead of a threefry number per element.
@@ -12,8 +12,8 @@ Each one is a speed-up measured with `python -m mygpt_jax.bench` (figures in doc
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -132,11 +132,11 @@ class Dropout(nn.Module):  # named as nn.Dropout: a module's name picks its shar
 
 @functools.cache
 def compiler_options(profile: bool = False) -> dict[str, Any]:
-    """XLA:CPU settings for the model's jitted steps (measured with jax 0.10.2, bench table in the README):
+    """XLA:CPU settings for the model's jitted steps (each measured with the bench: docs/backends.md):
 
     - YNNPACK gets matmuls one by one, not reductions: a YNNPACK reduction running beside other work (a
       gradient norm the step once computed, beside the backward pass) spin-waits for the shared thread pool.
-      (Matmuls fused with their neighbours made bfloat16 4x slower.)
+      (Matmuls fused with their neighbours made bfloat16 slower, not faster.)
     - copy insertion uses region analysis: without it XLA copies every layer's KV cache at every decoding
       step instead of updating it in place.
     `profile=True` also makes XLA:CPU record every op in a jax.profiler trace (`profiling.op_seconds`) where

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -56,7 +57,7 @@ class Backend:
         options = self.compiler_options(profile)
         return {"compiler_options": options} if options else {}
 
-    def for_decoding(self) -> "Backend":
+    def for_decoding(self) -> Backend:
         """The profile the Generator's model runs with: dense products that read `decode_layout.load`'s params."""
         return dataclasses.replace(self, dot_general=self.decode_layout.dot_general)
 

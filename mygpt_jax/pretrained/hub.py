@@ -108,7 +108,7 @@ def load_folder(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]
                 opened = stack.enter_context(safe_open(file, framework="np"))
             except (OSError, SafetensorError) as e:
                 raise _unreadable(file, e) from e
-            handles |= {name: (opened, file) for name in opened.keys()}
+            handles |= dict.fromkeys(opened.keys(), (opened, file))
         names = _canonical_names(handles, where)
         cfg = _head(cfg, names, lambda name: handles[names[name]][0].get_tensor(names[name]), where)
         layout = tensor_layout(cfg)

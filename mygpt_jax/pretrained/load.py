@@ -34,9 +34,17 @@ from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig, init_params
 from mygpt_jax.pretrained import hub
 from mygpt_jax.pretrained.convert import convert_checkpoint, model_config_from_hparams, read_hparams
-from mygpt_jax.pretrained.download import (DEFAULT_BASE_URLS, FILENAMES, HUB_FILES, HUB_MODELS,
-                                           MODEL_SIZES, download_gpt2, download_hub, hf_cache_snapshot,
-                                           is_complete)
+from mygpt_jax.pretrained.download import (
+    DEFAULT_BASE_URLS,
+    FILENAMES,
+    HUB_FILES,
+    HUB_MODELS,
+    MODEL_SIZES,
+    download_gpt2,
+    download_hub,
+    hf_cache_snapshot,
+    is_complete,
+)
 
 CACHE_FORMAT = 1  # bump when the converted tree changes: older caches are then converted again
 SOURCES = ("hub", "openai")  # the download sources, by the layout each serves
