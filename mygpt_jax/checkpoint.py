@@ -16,6 +16,7 @@ import errno
 import fcntl
 import functools
 import json
+import logging
 import os
 import re
 import socket
@@ -55,6 +56,7 @@ def save(run_dir: str, step: int, params: Any, meta: dict, opt_state: Any = None
         with _manager(run_dir, max_to_keep, create=True) as mngr, _no_error_logs():
             mngr.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # Orbax and TensorStore raise many types; a full disk is one of them
+        _quiet_unretrieved_errors()
         full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e)
         kept = latest_step(run_dir)
         kept = f"the checkpoint of step {kept} is kept" if kept is not None else "no checkpoint was kept"
@@ -121,6 +123,14 @@ def _quiet_closed_loop() -> None:
     sys.unraisablehook = lambda u: None if _is_closed_loop(u.exc_value) else unraisablehook(u)
 
 
+@functools.cache  # add the filter once
+def _quiet_unretrieved_errors() -> None:
+    """After a save or restore failed, the futures of Orbax's other writes or reads hold the same failure, and
+    asyncio logs each one as "exception was never retrieved" when it is collected, maybe at exit: after the
+    one-line error that already says it."""
+    logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
+
+
 def _restore(run_dir: str, step: int | None, **items: ocp.args.CheckpointArgs) -> Any:
     step = latest_step(run_dir) if step is None else step
     if step is None:
@@ -130,6 +140,7 @@ def _restore(run_dir: str, step: int | None, **items: ocp.args.CheckpointArgs) -
         try:
             return mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax raises many types for unreadable or mismatched data
+            _quiet_unretrieved_errors()
             older = [s for s in mngr.all_steps() if s < step]
             fix = f"delete that folder to use step {max(older)} instead" if older else "delete that folder"
             raise UserError(f"checkpoint {os.path.join(run_dir, str(step))} could not be restored ({_reason(e)}); "
