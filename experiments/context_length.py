@@ -4,7 +4,7 @@ Each epoch still covers the whole training text once, so shorter windows mean mo
 (36 per epoch at 64 tokens, 4 at 512); the validation split is cut into windows of the same length
 and evaluated whole (1 to 4 batches).
 
-    python -m mygpt_jax.experiments experiments/context_length.py --quick   # on a CPU (its time: docs/experiments.md)
+    python -m mygpt_jax.experiments experiments/context_length.py --quick   # on a CPU (its time: experiments/README.md)
     python -m mygpt_jax.experiments experiments/context_length.py           # GPT-2 124M shape: a GPU job
 
 --quick trains the reduced model of QUICK: emb_dim 256, 4 layers, 4 heads (29M parameters). Everything

@@ -1,6 +1,6 @@
 """Depth: the number of transformer blocks, at a fixed width.
 
-    python -m mygpt_jax.experiments experiments/depth.py --quick   # on a CPU (its time: docs/experiments.md)
+    python -m mygpt_jax.experiments experiments/depth.py --quick   # on a CPU (its time: experiments/README.md)
     python -m mygpt_jax.experiments experiments/depth.py           # 768 wide, 1 to 8 blocks: a GPU job
 
 --quick uses the width of QUICK (emb_dim 256, 4 heads) and estimates the training loss on 1 batch

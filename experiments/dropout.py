@@ -1,6 +1,6 @@
 """Dropout: does dropout help a model that reads The Verdict's 4,600 training tokens ten times?
 
-    python -m mygpt_jax.experiments experiments/dropout.py --quick   # on a CPU (its time: docs/experiments.md)
+    python -m mygpt_jax.experiments experiments/dropout.py --quick   # on a CPU (its time: experiments/README.md)
     python -m mygpt_jax.experiments experiments/dropout.py           # GPT-2 124M shape: a GPU job
 
 --quick trains the reduced model of QUICK: emb_dim 256, 4 layers, 4 heads (29.0M parameters, 25.7M of

@@ -1,6 +1,6 @@
 """Learning rate: AdamW's constant rate, from the seed's 4e-4 up to eight times as much.
 
-    python -m mygpt_jax.experiments experiments/learning_rate.py --quick   # on a CPU (its time: docs/experiments.md)
+    python -m mygpt_jax.experiments experiments/learning_rate.py --quick   # on a CPU (its time: experiments/README.md)
     python -m mygpt_jax.experiments experiments/learning_rate.py           # GPT-2 124M shape: a GPU job
 
 --quick trains the reduced model of QUICK: emb_dim 256, 4 layers, 4 heads (29.0M parameters, 25.7M of

@@ -1,6 +1,6 @@
 """QKV bias: biases on the query, key and value projections (GPT-2 has them; the seed does not).
 
-    python -m mygpt_jax.experiments experiments/qkv_bias.py --quick   # on a CPU (its time: docs/experiments.md)
+    python -m mygpt_jax.experiments experiments/qkv_bias.py --quick   # on a CPU (its time: experiments/README.md)
     python -m mygpt_jax.experiments experiments/qkv_bias.py           # GPT-2 124M shape: a GPU job
 
 --quick trains the reduced model of QUICK: emb_dim 256, 4 layers, 4 heads (29.0M parameters, 25.7M of

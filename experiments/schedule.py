@@ -4,7 +4,7 @@ The warmup lasts 18 updates (20% of the 90), the cosine decays to 10% of the pea
 clipping bounds the global gradient norm at 1.0; the peak rate is train.learning_rate (4e-4 unless
 overridden) throughout.
 
-    python -m mygpt_jax.experiments experiments/schedule.py --quick   # on a CPU (its time: docs/experiments.md)
+    python -m mygpt_jax.experiments experiments/schedule.py --quick   # on a CPU (its time: experiments/README.md)
     python -m mygpt_jax.experiments experiments/schedule.py           # GPT-2 124M shape: a GPU job
 
 --quick trains the reduced model of QUICK: emb_dim 256, 4 layers, 4 heads (29.0M parameters, 25.7M of

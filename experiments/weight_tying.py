@@ -4,7 +4,7 @@ Tying removes vocab_size x emb_dim parameters: 38.6M at full size, 12.9M with --
 PyTorch-style initialisation the shared matrix starts as N(0, 1), so the tied head's first logits are
 large; the second pair of variants starts from GPT-2's N(0, 0.02) instead.
 
-    python -m mygpt_jax.experiments experiments/weight_tying.py --quick   # on a CPU (its time: docs/experiments.md)
+    python -m mygpt_jax.experiments experiments/weight_tying.py --quick   # on a CPU (its time: experiments/README.md)
     python -m mygpt_jax.experiments experiments/weight_tying.py           # GPT-2 124M shape: a GPU job
 
 --quick trains the reduced model of QUICK: emb_dim 256, 4 layers, 4 heads (29.0M parameters, 25.7M of

@@ -1,6 +1,6 @@
 """Width: the embedding size emb_dim at a fixed depth, with 4 heads (the head dimension grows with it).
 
-    python -m mygpt_jax.experiments experiments/width.py --quick   # on a CPU (its time: docs/experiments.md)
+    python -m mygpt_jax.experiments experiments/width.py --quick   # on a CPU (its time: experiments/README.md)
     python -m mygpt_jax.experiments experiments/width.py           # 12 blocks of each width: a GPU job
 
 --quick uses the depth of QUICK (4 blocks) and estimates the training loss on 1 batch instead of 5

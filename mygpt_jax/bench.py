@@ -15,7 +15,7 @@ machine    matmul rate: jnp.dot of two random square matrices (--matmul_size), f
            again after decoding (other jobs only slow down). See mygpt_jax/hardware.py.
 train      the config's model, batch size, gradient accumulation, optimizer and dtype, jitted as train.py
            does (whole step, donated state) on random tokens; --steps steps with one sync at the end, and
-           the host page faults they took (memory the allocator got afresh from the kernel; README).
+           the host page faults they took (memory the allocator got afresh from the kernel; docs/performance.md).
            FLOPs come from `matmul_flops_per_token`: 6 FLOPs per matmul weight per token (2 forward,
            4 backward) + 12 L d T for the attention scores and weighted sums; elementwise work is not
            counted. The fraction is achieved FLOP/s over the measured matmul rate of the compute dtype

@@ -11,7 +11,7 @@ handler installed outside Python (a Python handler would silently replace it), a
 joins it by sending this process a SIGTERM.
 
 JAX is imported by `StopSignals` only: `prepare` uses `signals_interrupt`, and its worker processes import what
-it imports, so JAX at the top here would cost each of them a second of start-up.
+it imports, so JAX at the top here would slow each one's start.
 """
 
 from __future__ import annotations

@@ -107,8 +107,9 @@ def test_one_and_three_workers_write_the_same_bytes(books, tmp_path, monkeypatch
 
 
 def test_preparing_imports_no_jax():
-    """The worker processes import what the prepare command imports: JAX would cost each a second to start."""
-    code = "import sys, mygpt_jax.prepare; print(sorted(m for m in ('jax', 'flax', 'optax', 'orbax') if m in sys.modules))"
+    """The worker processes import what the prepare command imports: JAX would slow each one's start."""
+    code = ("import sys, mygpt_jax.prepare\n"
+            "print(sorted(m for m in ('jax', 'flax', 'optax', 'orbax') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
