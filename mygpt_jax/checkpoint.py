@@ -53,10 +53,9 @@ def save(run_dir: str, step: int, params: Any, meta: dict, opt_state: Any = None
         items["opt_state"] = ocp.args.StandardSave(opt_state)
     _quiet_closed_loop()
     try:
-        with _manager(run_dir, max_to_keep, create=True) as mngr, _no_error_logs():
+        with _manager(run_dir, max_to_keep, create=True) as mngr, _no_error_logs(), _quiet_failed_reads_and_writes():
             mngr.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # Orbax and TensorStore raise many types; a full disk is one of them
-        _quiet_unretrieved_errors()
         full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e)
         kept = latest_step(run_dir)
         kept = f"the checkpoint of step {kept} is kept" if kept is not None else "no checkpoint was kept"
@@ -123,12 +122,19 @@ def _quiet_closed_loop() -> None:
     sys.unraisablehook = lambda u: None if _is_closed_loop(u.exc_value) else unraisablehook(u)
 
 
-@functools.cache  # add the filter once
-def _quiet_unretrieved_errors() -> None:
-    """After a save or restore failed, the futures of Orbax's other writes or reads hold the same failure, and
-    asyncio logs each one as "exception was never retrieved" when it is collected, maybe at exit: after the
-    one-line error that already says it."""
-    logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
+def _unretrieved(record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads_and_writes() -> Iterator[None]:
+    """When one of Orbax's reads or writes fails, the others' futures hold the same failure, and asyncio logs each
+    as "exception was never retrieved" when it is collected: while Orbax unwinds, or at exit, around the one-line
+    error that already says it. Within the block those logs are dropped; after a failure, for good."""
+    logger = logging.getLogger("asyncio")
+    logger.addFilter(_unretrieved)
+    yield  # an exception leaves the filter in place: the leftovers may be collected later
+    logger.removeFilter(_unretrieved)
 
 
 def _restore(run_dir: str, step: int | None, **items: ocp.args.CheckpointArgs) -> Any:
@@ -138,9 +144,9 @@ def _restore(run_dir: str, step: int | None, **items: ocp.args.CheckpointArgs) -
     _quiet_closed_loop()
     with _manager(run_dir) as mngr:
         try:
-            return mngr.restore(step, args=ocp.args.Composite(**items))
+            with _quiet_failed_reads_and_writes():
+                return mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax raises many types for unreadable or mismatched data
-            _quiet_unretrieved_errors()
             older = [s for s in mngr.all_steps() if s < step]
             fix = f"delete that folder to use step {max(older)} instead" if older else "delete that folder"
             raise UserError(f"checkpoint {os.path.join(run_dir, str(step))} could not be restored ({_reason(e)}); "
