@@ -124,12 +124,14 @@ def device_batch(tokens: np.ndarray, starts: np.ndarray, context_length: int, sh
 def put(tree: Any, shardings: Any) -> Any:
     """Values every process holds whole (NumPy or single-device arrays, keys included) as global arrays laid out
     by `shardings` (a tree, or one sharding for all): jax.device_put cannot place a host value on other
-    processes' devices; each process makes the pieces its own devices hold."""
+    processes' devices; each process makes the pieces its own devices hold. The result is copied into buffers of
+    XLA's own: on a CPU the pieces may alias the host memory, and the train step donates the state it is given
+    (donated host memory corrupted the heap with jax 0.5.0, as restored buffers did: checkpoint.py)."""
     def one(x: Any, where: NamedSharding) -> jax.Array:
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a key: its data, placed, wrapped again
             return jax.random.wrap_key_data(one(jax.random.key_data(x), where))
         host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+        return jnp.copy(jax.make_array_from_callback(host.shape, where, lambda index: host[index]))
 
     if isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x: one(x, shardings), tree)
