@@ -60,8 +60,9 @@ def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
 
 def own_lines(stdout: str) -> list[str]:
     """What the command printed, without the lines gloo (XLA:CPU's collectives) prints from its threads as processes
-    connect ("[Gloo] Rank 1 is connected to 1 peer ranks. ...", at times cut in two by another thread's)."""
-    return [line for line in stdout.splitlines() if "[Gloo]" not in line and "peer ranks" not in line]
+    connect ("[Gloo] Rank 1 is connected to 1 peer ranks. ...", at times cut in two by another thread's, which
+    leaves the newline of one on a line of its own)."""
+    return [line for line in stdout.splitlines() if line and "[Gloo]" not in line and "peer ranks" not in line]
 
 
 def losses(run_dir) -> np.ndarray:
