@@ -195,3 +195,11 @@ def test_the_decoding_layout_has_logical_axis_names_for_every_stored_weight():
     assert len(flat_params) == len(flat_axes)
     for path, value in flat_params:
         assert len(flat_axes[path]) == value.ndim, path
+
+
+def test_the_suite_and_the_commands_it_starts_compute_on_the_cpu():
+    """Pinned in tests/__init__.py: on a machine with a GPU the suite runs as on one without."""
+    from tests.utils import cli_env
+
+    assert jax.default_backend() == "cpu"
+    assert cli_env()["JAX_PLATFORMS"] == "cpu"

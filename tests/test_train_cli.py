@@ -4,15 +4,12 @@ import json
 import os
 import shutil
 import signal
-import time
 
 import pytest
 
 from mygpt_jax import checkpoint
 from mygpt_jax.backends import has_cudnn_attention
 from mygpt_jax.data import default_text_path, load_text
-from mygpt_jax.errors import UserError
-from mygpt_jax.preemption import StopSignals
 from tests.utils import after_the_device_line, checkpoint_steps as steps, read_metrics, run_cli, signal_mid_run
 
 RUN = ["--config.train.num_epochs=2", "--config.train.eval_freq=5", "--config.train.checkpoint_every=10",
@@ -122,22 +119,6 @@ def test_ctrl_c_saves_and_the_rerun_resumes_bit_identically(full_run, tmp_path):
     got = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "tiny")]
     want = [{k: r[k] for k in keys} for r in read_metrics(full_ckpt / "tiny")]
     assert got == want  # exactly the same floats as the uninterrupted run
-
-
-def test_a_stop_signal_waits_for_the_step_boundary_and_a_second_one_does_not():
-    """The first Ctrl-C or SIGTERM only asks the loop to stop (it saves at the step's end); an error raised in
-    the step meanwhile still wins (a diverged state is not saved); a second signal gives up at once."""
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(UserError), StopSignals() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested == "SIGTERM"
-        raise UserError("training diverged")
-    with pytest.raises(KeyboardInterrupt), StopSignals() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested == "SIGINT"
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)  # the handler raises here
-    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
 
 
 def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_summary(full_run):
