@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 
 import jax
 import ml_collections
@@ -47,6 +48,7 @@ def initialize(d: ml_collections.ConfigDict) -> None:
         return
     # XLA:CPU runs collectives across processes only through gloo; jax 0.5.0 reads no environment variable for it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    _keep_native_stdout_apart()
     _timeout_s[0] = d.timeout_s
     try:
         jax.distributed.initialize(initialization_timeout=d.timeout_s, **kwargs)
@@ -57,6 +59,19 @@ def initialize(d: ml_collections.ConfigDict) -> None:
         raise UserError(f"the processes could not join ({where}: {reason}); start every process within "
                         f"--config.distributed.timeout_s={d.timeout_s} s of the first, with the same "
                         "coordinator_address and num_processes and each its own process_id") from None
+
+
+def _keep_native_stdout_apart() -> None:
+    """Give Python's stdout a descriptor of its own and send descriptor 1, which native code writes to, to
+    /dev/null. gloo writes a "[Gloo] Rank ... is connected to ... peer ranks" line from its own threads as the
+    processes connect, at times cut into the command's own lines; XLA and the other native libraries log to
+    stderr, and gloo's failures reach Python as exceptions."""
+    sys.stdout.flush()
+    own = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    sys.stdout = open(own, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)  # noqa: SIM115 - the process's stdout
 
 
 def is_primary() -> bool:
