@@ -109,7 +109,7 @@ def test_checkpoint_not_matching_the_model_is_a_user_error(tmp_path, corrupt, me
 def test_truncated_data_file_is_a_user_error(weights):
     data = weights / "model.ckpt.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[:1000])
-    with pytest.raises(UserError, match=f"model.ckpt could not be read .*; delete {weights} to download it again"):
+    with pytest.raises(UserError, match=r"model.ckpt could not be read"):
         convert_checkpoint(weights)
 
 

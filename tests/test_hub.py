@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from mygpt_jax import backends
-from mygpt_jax.errors import UserError
+from mygpt_jax.errors import ConfigError, UserError
 from mygpt_jax.model import GPT
 from mygpt_jax.pretrained.download import HUB_FILES, HUB_MODELS
 from mygpt_jax.pretrained.load import load_gpt2
@@ -138,12 +138,36 @@ def test_bad_config_json_is_one_line(tmp_path, change, message):
         load(folder, tmp_path)
 
 
-def test_truncated_safetensors_is_one_line(tmp_path):
+def test_a_truncated_file_in_a_users_weights_dir_is_to_be_replaced_not_deleted(tmp_path):
     folder = write_hub_folder(tmp_path / "hub", hub_tensors(ARCH), ARCH)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
-    with pytest.raises(UserError, match=f"{weights} could not be read .*; delete it to download it again"):
+    with pytest.raises(UserError) as e:
         load(folder, tmp_path)
+    message = str(e.value)
+    assert f"{weights} could not be read" in message and "replace it" in message
+    assert "delete" not in message and "download" not in message and "\n" not in message
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"config.json could not be read .*replace it") as e:
+        load(folder, tmp_path)
+    assert "delete" not in str(e.value)
+
+
+def test_a_truncated_file_in_the_download_cache_is_to_be_deleted_and_downloaded_again(http_server, hub_dir,
+                                                                                       tmp_path):
+    download(tmp_path, http_server(hub_dir, **hub_layout()))
+    weights = tmp_path / "ckpt" / "gpt2" / "124M" / "hub" / REVISION / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(UserError, match=f"{weights} could not be read .*; delete {weights} so that it is "
+                                        "downloaded again"):
+        download(tmp_path, http_server(hub_dir, **hub_layout()))
+
+
+@pytest.mark.parametrize("make, what", [(lambda p: None, "does not exist"), (lambda p: p.write_text(""), "is a file")])
+def test_a_weights_dir_that_is_not_a_folder_says_so(tmp_path, make, what):
+    make(tmp_path / "weights")
+    with pytest.raises(ConfigError, match=f"--config.weights_dir='{tmp_path}/weights' {what}"):
+        load(tmp_path / "weights", tmp_path)
 
 
 def test_folder_of_neither_layout_says_what_both_need(tmp_path):
