@@ -108,6 +108,14 @@ def test_the_export_folder_is_what_transformers_reads(run):
         "bos_token_id": 50256, "eos_token_id": 50256, "max_new_tokens": 10, "do_sample": False}
 
 
+def test_sampling_from_an_export_names_its_real_size(run):
+    result = run_cli("sample", f"--config.weights_dir={run[2]}", "--config.sample.prompt=Every effort",
+                     "--config.sample.max_new_tokens=3", config=GPT2)
+    assert result.returncode == 0, result.stderr
+    assert f"loaded a model of 2 layers of 32, 2 heads, context 32 (none of OpenAI's GPT-2 sizes) from {run[2]}" in \
+        result.stderr and "GPT-2 124M" not in result.stderr
+
+
 def test_pretrained_gpt2_from_the_hub_exports_its_own_tensors(http_server, tmp_path):
     """Downloaded from the loopback Hub through the config's keys, then exported: q/k/v biases and the tied head
     come back as the Hub's file held them, and the sampling settings of configs/gpt2_124m.py."""

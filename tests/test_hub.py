@@ -4,6 +4,7 @@ download source (a loopback server standing in for it, redirect included) or the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,8 @@ from safetensors.numpy import save_file
 
 from mygpt_jax import backends
 from mygpt_jax.errors import ConfigError, UserError
-from mygpt_jax.model import GPT
+from mygpt_jax.model import GPT, ModelConfig
+from mygpt_jax.pretrained.convert import model_label
 from mygpt_jax.pretrained.download import HUB_FILES, HUB_MODELS
 from mygpt_jax.pretrained.load import load_gpt2
 from tests.conftest import hub_layout
@@ -52,7 +54,8 @@ def test_hub_folder_loads_and_matches_numpy_gpt2(tmp_path, tokens, capsys, prefi
     assert cfg.qkv_bias and cfg.tie_embeddings == (head != "untied") and cfg.drop_rate == 0.0
     assert ("lm_head" in params) == (head == "untied")
     assert_logits_match(cfg, params, tensors, tokens)
-    assert f"loaded GPT-2 124M from {folder} (safetensors, 2 layers of 32, " in capsys.readouterr().err
+    assert f"loaded a model of 2 layers of 32, 4 heads, context 32 (none of OpenAI's GPT-2 sizes) from {folder} " \
+           "(safetensors, 2 layers of 32, " in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no cache written
     assert not (tmp_path / "ckpt").exists()
 
@@ -215,7 +218,7 @@ def test_hub_download_follows_the_redirect_and_resumes_after_a_drop(http_server,
     assert sorted(p.name for p in dest.iterdir()) == sorted(HUB_FILES)
     assert (dest / "model.safetensors").read_bytes() == (hub_dir / "model.safetensors").read_bytes()
     assert_logits_match(cfg, params, served_tensors, tokens)
-    assert f"loaded GPT-2 124M from {dest} (safetensors" in capsys.readouterr().err
+    assert f"sizes) from {dest} (safetensors" in capsys.readouterr().err
 
     healthy.requests.clear()
     download(tmp_path, healthy)
@@ -253,7 +256,7 @@ def test_the_hugging_face_cache_is_used_without_downloading(http_server, hub_dir
     server = http_server(hub_dir, **hub_layout())
     for revision in ("", "main"):  # the pinned commit, and the branch whose ref names it
         cfg, params = download(tmp_path, server, hub_revision=revision)
-        assert f"loaded GPT-2 124M from {snapshot} (safetensors" in capsys.readouterr().err
+        assert f"sizes) from {snapshot} (safetensors" in capsys.readouterr().err
     assert server.requests == server.redirected == []
     assert not (tmp_path / "ckpt").exists()  # nothing copied, nothing cached
     assert_logits_match(cfg, params, served_tensors, tokens)
@@ -296,3 +299,9 @@ def test_weights_sources_are_checked(sources):
     config.weights_sources = sources
     with pytest.raises(UserError, match=f"--config.weights_sources={sources!r} is invalid: use hub and/or openai"):
         validate(config)
+
+
+def test_weights_are_labelled_by_their_shape_not_the_name_asked_for():
+    gpt2 = ModelConfig(vocab_size=50257, context_length=1024, emb_dim=1024, n_heads=16, n_layers=24)
+    assert model_label(gpt2) == "GPT-2 355M"
+    assert "GPT-2" not in model_label(dataclasses.replace(gpt2, n_layers=12)).split("(")[0]

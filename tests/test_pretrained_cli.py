@@ -100,7 +100,7 @@ def test_fine_tuning_starts_from_the_pretrained_weights(served, tmp_path):
     result = run_cli("train", *args, "--config.init_from=gpt2_124m", "--config.train.max_steps=2",
                      "--config.train.eval_freq=1", "--config.run_name=ft", *model)
     assert result.returncode == 0, result.stderr
-    assert "loaded GPT-2 124M" in result.stderr
+    assert "loaded a model of 2 layers of 32, 4 heads, context 64" in result.stderr
     wrong = run_cli("train", *args, "--config.init_from=gpt2_124m", "--config.run_name=ft2")
     assert wrong.returncode == 1 and "does not fit this model" in wrong.stderr
 

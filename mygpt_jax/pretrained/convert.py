@@ -24,12 +24,24 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from mygpt_jax.config import GPT2_SIZES
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig, init_params
+from mygpt_jax.tokenizer import VOCAB_SIZE
 
 HPARAMS_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 _LEAF_NAMES = {"kernel": "w", "bias": "b", "scale": "g"}  # Flax leaf -> OpenAI leaf
 _MAX_NAMED = 3  # names in one error message
+
+
+def model_label(cfg: ModelConfig) -> str:
+    """What the weights are, by their shape: "GPT-2 124M" for one of OpenAI's sizes, else the shape itself (an
+    export of a run, a model fine-tuned elsewhere), whatever name the config asked for."""
+    for size, shape in GPT2_SIZES.items():
+        if (cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.context_length, cfg.vocab_size) == (*shape, 1024, VOCAB_SIZE):
+            return f"GPT-2 {size}"
+    return (f"a model of {cfg.n_layers} layers of {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length} "
+            "(none of OpenAI's GPT-2 sizes)")
 
 
 class DamagedWeights(UserError):
