@@ -1,20 +1,37 @@
-"""The full set of config keys with their defaults.
+"""The full set of config keys with their defaults, and the checks of their values.
 
-Every `configs/*.py` starts from `base_config()` and changes values, so every config has the same keys and
-an override of a key that does not exist is an error (the ConfigDict is locked by ml_collections).
+Every `configs/*.py` starts from `base_config()` and changes values. The base comes locked (ml_collections):
+setting a key it does not define fails on that line of the config file, and `overrides.load_config` checks
+each value's type against the default's, so every config has the same keys, each of its default's type.
+
+`validate(config)` runs one check function per section (`VALIDATORS`); a new section adds its function there.
 """
 
 import functools
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
-from mygpt_jax.errors import UserError
+from mygpt_jax.errors import ConfigError
 from mygpt_jax.tokenizer import VOCAB_SIZE
 
 
+def _locked(build: Callable[[], ml_collections.ConfigDict]) -> Callable[[], ml_collections.ConfigDict]:
+    """`build()`'s config, locked: a key it does not define cannot be added, in a config file or anywhere."""
+
+    @functools.wraps(build)
+    def locked() -> ml_collections.ConfigDict:
+        config = build()
+        config.lock()
+        return config
+
+    return locked
+
+
+@_locked
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_name = "default"
@@ -153,6 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = x = ml_collections.ConfigDict()
     # The folder `python -m mygpt_jax.export` writes the model into, for transformers' from_pretrained.
     x.dir = ""
+    # Export into a folder that holds other files (not an earlier export), replacing what it holds.
+    x.overwrite = False
     return c
 
 
@@ -165,82 +184,125 @@ def run_folder(config: ml_collections.ConfigDict) -> str:
     return os.path.join(config.checkpoint_dir, config.run_name)
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Check values that types alone do not catch; raise a UserError naming the key."""
+def get_value(config: ml_collections.ConfigDict, key: str) -> Any:
+    """config.<dotted key>."""
+    return functools.reduce(lambda node, name: node[name], key.split("."), config)
 
-    def require(ok: bool, key: str, what: str) -> None:
-        if not ok:
-            value = functools.reduce(lambda node, name: node[name], key.split("."), c)
-            raise UserError(f"--config.{key}={value!r} is invalid: {what}")
 
-    m, t, s = c.model, c.train, c.sample
+def require(c: ml_collections.ConfigDict, ok: bool, key: str, what: str) -> None:
+    """A ConfigError naming `key`, its value and `what` it must be, unless `ok`."""
+    if not ok:
+        raise ConfigError(f"--config.{key}={get_value(c, key)!r} is invalid: {what}")
+
+
+def _validate_model(c: ml_collections.ConfigDict) -> None:
+    m = c.model
     for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-        require(m[key] > 0, f"model.{key}", "must be a positive integer")
-    require(m.vocab_multiple >= 1, "model.vocab_multiple", "must be >= 1 (1 = no padding)")
-    for axis in ("data", "fsdp", "tensor"):
-        require(c.mesh[axis] == -1 or c.mesh[axis] >= 1, f"mesh.{axis}", "must be a positive size, or -1 (the "
-                "devices the other axes leave)")
-    g = c.distributed
-    require(g.num_processes >= 1, "distributed.num_processes", "must be >= 1")
-    require(0 <= g.process_id < g.num_processes, "distributed.process_id",
-            f"must be in [0, distributed.num_processes={g.num_processes})")
-    require(g.num_processes == 1 or g.auto or ":" in g.coordinator_address, "distributed.coordinator_address",
-            "several processes need the host:port of process 0")
-    require(g.timeout_s > 0, "distributed.timeout_s", "must be positive")
-    require(m.vocab_size >= VOCAB_SIZE, "model.vocab_size",
+        require(c, m[key] > 0, f"model.{key}", "must be a positive integer")
+    require(c, m.vocab_multiple >= 1, "model.vocab_multiple", "must be >= 1 (1 = no padding)")
+    require(c, m.vocab_size >= VOCAB_SIZE, "model.vocab_size",
             f"the GPT-2 tokenizer's ids go up to {VOCAB_SIZE - 1}, so it must be at least {VOCAB_SIZE}")
-    require(m.emb_dim % m.n_heads == 0, "model.emb_dim", f"must be divisible by model.n_heads={m.n_heads}")
-    require(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
-    require(m.init_scheme in ("gpt2", "pytorch"), "model.init_scheme", "use gpt2 or pytorch")
-    require(m.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
+    require(c, m.emb_dim % m.n_heads == 0, "model.emb_dim", f"must be divisible by model.n_heads={m.n_heads}")
+    require(c, 0.0 <= m.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
+    require(c, m.init_scheme in ("gpt2", "pytorch"), "model.init_scheme", "use gpt2 or pytorch")
+    require(c, m.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
             "use auto, float32, bfloat16 or float16")
-    require(m.attention in ("auto", "explicit", "cudnn", "xla"), "model.attention", "use auto, explicit, cudnn or xla")
-    require(m.attention in ("auto", "explicit") or m.drop_rate == 0.0, "model.attention",
+    require(c, m.attention in ("auto", "explicit", "cudnn", "xla"), "model.attention",
+            "use auto, explicit, cudnn or xla")
+    require(c, m.attention in ("auto", "explicit") or m.drop_rate == 0.0, "model.attention",
             f"fused attention has no dropout on the attention weights; set --config.model.drop_rate=0.0 "
             f"(now {m.drop_rate}) or --config.model.attention=explicit")
-    require(m.attention != "cudnn" or m.dtype != "float32", "model.attention",
+    require(c, m.attention != "cudnn" or m.dtype != "float32", "model.attention",
             "cuDNN's fused attention runs in 16 bits; add --config.model.dtype=bfloat16")
+
+
+def _validate_mesh(c: ml_collections.ConfigDict) -> None:
+    for axis in ("data", "fsdp", "tensor"):
+        require(c, c.mesh[axis] == -1 or c.mesh[axis] >= 1, f"mesh.{axis}", "must be a positive size, or -1 (the "
+                "devices the other axes leave)")
+
+
+def _validate_distributed(c: ml_collections.ConfigDict) -> None:
+    g = c.distributed
+    require(c, g.num_processes >= 1, "distributed.num_processes", "must be >= 1")
+    require(c, 0 <= g.process_id < g.num_processes, "distributed.process_id",
+            f"must be in [0, distributed.num_processes={g.num_processes})")
+    require(c, g.num_processes == 1 or g.auto or ":" in g.coordinator_address, "distributed.coordinator_address",
+            "several processes need the host:port of process 0")
+    require(c, g.timeout_s > 0, "distributed.timeout_s", "must be positive")
+
+
+def _validate_data(c: ml_collections.ConfigDict) -> None:
     d = c.data
-    require(0.0 < d.train_ratio < 1.0, "data.train_ratio", "must be between 0 and 1")
-    require(d.stride >= 0, "data.stride", "must be >= 0 (0 means context_length)")
-    require(d.sampling in ("epochs", "random"), "data.sampling", "use epochs or random")
-    require(d.sampling == "epochs" or t.max_steps > 0, "train.max_steps",
+    require(c, 0.0 < d.train_ratio < 1.0, "data.train_ratio", "must be between 0 and 1")
+    require(c, d.stride >= 0, "data.stride", "must be >= 0 (0 means context_length)")
+    require(c, d.sampling in ("epochs", "random"), "data.sampling", "use epochs or random")
+    require(c, d.sampling == "epochs" or c.train.max_steps > 0, "train.max_steps",
             "data.sampling=random trains for train.max_steps steps: set it > 0")
-    require(d.workers >= 0, "data.workers", "must be >= 0 (0 = every core)")
-    require(bool(d.glob), "data.glob", "must be a pattern such as **/*.txt")
+    require(c, d.workers >= 0, "data.workers", "must be >= 0 (0 = every core)")
+    require(c, bool(d.glob), "data.glob", "must be a pattern such as **/*.txt")
+
+
+def _validate_train(c: ml_collections.ConfigDict) -> None:
+    t = c.train
     for key in ("num_epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum_steps", "checkpoint_every",
                 "max_to_keep"):
-        require(t[key] > 0, f"train.{key}", "must be a positive integer")
-    require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+        require(c, t[key] > 0, f"train.{key}", "must be a positive integer")
+    require(c, t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
             f"must divide train.batch_size={t.batch_size}")
-    require(t.learning_rate > 0, "train.learning_rate", "must be positive")
-    require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    require(t.weight_decay_params in ("all", "matrices"), "train.weight_decay_params", "use all or matrices")
-    require(t.seed >= 0, "train.seed", "must be >= 0")
-    require(0.0 <= t.beta1 < 1.0, "train.beta1", "must be in [0, 1)")
-    require(0.0 <= t.beta2 < 1.0, "train.beta2", "must be in [0, 1)")
-    require(t.eps > 0, "train.eps", "must be positive")
-    require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0 (0 = no warmup)")
-    require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
-    require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping)")
-    require(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
-    require(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)")
-    require(t.flops_matmul_size >= 0, "train.flops_matmul_size", "must be >= 0 (0 skips the measurement)")
-    require(s.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
-    require(s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
-    require(0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
-    require(s.max_new_tokens > 0, "sample.max_new_tokens", "must be positive")
-    require(s.num_samples > 0, "sample.num_samples", "must be positive")
-    require(s.decode_loop in ("auto", "device", "host"), "sample.decode_loop", "use auto, device or host")
-    require(c.eval.batch_size > 0, "eval.batch_size", "must be positive")
-    require(c.eval.split in ("", "train", "val"), "eval.split", "use train, val or \"\" (eval.text_file)")
-    require(bool(c.run_name) and "/" not in c.run_name, "run_name", "must be a non-empty name without '/'")
-    require(c.run_name not in RESERVED_FOLDERS, "run_name",
+    require(c, t.learning_rate > 0, "train.learning_rate", "must be positive")
+    require(c, t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(c, t.weight_decay_params in ("all", "matrices"), "train.weight_decay_params", "use all or matrices")
+    require(c, t.seed >= 0, "train.seed", "must be >= 0")
+    require(c, 0.0 <= t.beta1 < 1.0, "train.beta1", "must be in [0, 1)")
+    require(c, 0.0 <= t.beta2 < 1.0, "train.beta2", "must be in [0, 1)")
+    require(c, t.eps > 0, "train.eps", "must be positive")
+    require(c, t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0 (0 = no warmup)")
+    require(c, 0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    require(c, t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping)")
+    require(c, t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
+    require(c, t.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)")
+    require(c, t.flops_matmul_size >= 0, "train.flops_matmul_size", "must be >= 0 (0 skips the measurement)")
+
+
+def _validate_sample(c: ml_collections.ConfigDict) -> None:
+    s = c.sample
+    require(c, s.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
+    require(c, s.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
+    require(c, 0.0 < s.top_p <= 1.0, "sample.top_p", "must be in (0, 1]")
+    require(c, s.max_new_tokens > 0, "sample.max_new_tokens", "must be positive")
+    require(c, s.num_samples > 0, "sample.num_samples", "must be positive")
+    require(c, s.decode_loop in ("auto", "device", "host"), "sample.decode_loop", "use auto, device or host")
+
+
+def _validate_eval(c: ml_collections.ConfigDict) -> None:
+    require(c, c.eval.batch_size > 0, "eval.batch_size", "must be positive")
+    require(c, c.eval.split in ("", "train", "val"), "eval.split", "use train, val or \"\" (eval.text_file)")
+
+
+def _validate_run(c: ml_collections.ConfigDict) -> None:
+    """Where a run lives and where its weights and compiled programs come from."""
+    require(c, bool(c.run_name) and "/" not in c.run_name, "run_name", "must be a non-empty name without '/'")
+    require(c, c.run_name not in RESERVED_FOLDERS, "run_name",
             f"{', '.join(RESERVED_FOLDERS)} are folders of checkpoint_dir that hold other things; choose another name")
-    require(c.compilation_cache_min_seconds >= 0, "compilation_cache_min_seconds", "must be >= 0")
+    require(c, bool(c.checkpoint_dir.strip()), "checkpoint_dir",
+            "it is the folder of every run and prepared corpus; name one (\".\" for the current folder)")
+    require(c, c.compilation_cache_min_seconds >= 0, "compilation_cache_min_seconds", "must be >= 0")
     sources = c.weights_sources.split(",")
-    require(set(sources) <= {"hub", "openai"} and len(set(sources)) == len(sources),
+    require(c, set(sources) <= {"hub", "openai"} and len(set(sources)) == len(sources),
             "weights_sources", "use hub and/or openai, comma-separated, each once")
+
+
+# One check per section of the config, run in this order; a new section adds its function here.
+VALIDATORS: tuple[Callable[[ml_collections.ConfigDict], None], ...] = (
+    _validate_model, _validate_mesh, _validate_distributed, _validate_data, _validate_train, _validate_sample,
+    _validate_eval, _validate_run)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Check values that types alone do not catch; raise a ConfigError naming the key."""
+    for check in VALIDATORS:
+        check(c)
 
 
 # OpenAI's GPT-2 sizes: (emb_dim, n_heads, n_layers); all have context 1024, qkv bias and a tied head.

@@ -41,12 +41,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
-from absl import logging
 
 from mygpt_jax import backends, checkpoint, hardware, plots, train
-from mygpt_jax.config import changed_settings, run_folder, validate
-from mygpt_jax.errors import UserError
-from mygpt_jax.overrides import get_value, load_config, load_module, override_key, parse_override, set_value, split_args
+from mygpt_jax.config import changed_settings, get_value, run_folder, validate
+from mygpt_jax.errors import ConfigError, UserError
+from mygpt_jax.overrides import load_config, load_module, override_key, parse_override, set_value, split_args
 
 # Summary values a sweep can report in results.md (results.csv always has them all): (column, format).
 METRICS = {"best_val_loss": ("best val loss", ".3f"), "final_val_loss": ("final val loss", ".3f"),
@@ -93,16 +92,16 @@ class Run:
 
 def _grid_variants(path: str, grid: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(grid, dict) or not grid:
-        raise UserError(f"{path}: GRID is empty; give it {{'<config key>': [values, ...]}}")
+        raise ConfigError(f"{path}: GRID is empty; give it {{'<config key>': [values, ...]}}")
     for key, values in grid.items():
         if not isinstance(values, (list, tuple)) or not values:
-            raise UserError(f"{path}: GRID['{key}'] is empty; give it a list of at least one value")
+            raise ConfigError(f"{path}: GRID['{key}'] is empty; give it a list of at least one value")
     variants = {}
     for combo in itertools.product(*grid.values()):
         overrides = dict(zip(grid, combo, strict=True))
         name = ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items())
         if name in variants or "/" in name:
-            raise UserError(f"{path}: GRID gives the variant name {name!r} twice or with a '/'; use VARIANTS "
+            raise ConfigError(f"{path}: GRID gives the variant name {name!r} twice or with a '/'; use VARIANTS "
                             "with explicit names")
         variants[name] = overrides
     return variants
@@ -122,34 +121,34 @@ def load_sweep(path: str) -> Sweep:
     module = load_module(path, "sweep file")
     names = {n for n in vars(module) if n.isupper()}
     if names - SWEEP_NAMES:
-        raise UserError(f"{path}: unknown setting(s) {', '.join(sorted(names - SWEEP_NAMES))}; a sweep file sets "
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(names - SWEEP_NAMES))}; a sweep file sets "
                         f"{', '.join(sorted(SWEEP_NAMES))}")
     if not isinstance(getattr(module, "BASE", None), str):
-        raise UserError(f"{path}: set BASE to a config file, e.g. BASE = \"configs/verdict.py\"")
+        raise ConfigError(f"{path}: set BASE to a config file, e.g. BASE = \"configs/verdict.py\"")
     has_grid, has_variants = hasattr(module, "GRID"), hasattr(module, "VARIANTS")
     if has_grid == has_variants:
-        raise UserError(f"{path}: set exactly one of GRID (values to combine) or VARIANTS (named overrides)")
+        raise ConfigError(f"{path}: set exactly one of GRID (values to combine) or VARIANTS (named overrides)")
     if has_grid:
         variants = _grid_variants(path, module.GRID)
     else:
         variants = module.VARIANTS
         if not isinstance(variants, dict) or not variants:
-            raise UserError(f"{path}: VARIANTS is empty; give it {{'<name>': {{'<config key>': value}}, ...}}")
+            raise ConfigError(f"{path}: VARIANTS is empty; give it {{'<name>': {{'<config key>': value}}, ...}}")
         for name, overrides in variants.items():
             if not isinstance(name, str) or not name or "/" in name or not isinstance(overrides, dict):
-                raise UserError(f"{path}: VARIANTS[{name!r}] must map a name without '/' to a dict of overrides")
+                raise ConfigError(f"{path}: VARIANTS[{name!r}] must map a name without '/' to a dict of overrides")
     seeds = getattr(module, "SEEDS", None)
     if not isinstance(seeds, (list, tuple)) or not seeds or not all(type(s) is int for s in seeds):
-        raise UserError(f"{path}: set SEEDS to a non-empty list of integers, e.g. SEEDS = [1, 2, 3]")
+        raise ConfigError(f"{path}: set SEEDS to a non-empty list of integers, e.g. SEEDS = [1, 2, 3]")
     metrics = list(getattr(module, "METRICS", DEFAULT_METRICS))
     for metric in metrics:
         if metric not in METRICS:
-            raise UserError(f"{path}: unknown metric {metric!r} in METRICS; use {', '.join(METRICS)}")
+            raise ConfigError(f"{path}: unknown metric {metric!r} in METRICS; use {', '.join(METRICS)}")
     quick = list(getattr(module, "QUICK", []))
     keys = list(dict.fromkeys(key for overrides in variants.values() for key in overrides))
     for key in keys:
         if key in IDENTITY_KEYS:
-            raise UserError(f"{path}: {key} is set by the sweep for each run; it cannot be a variant's override")
+            raise ConfigError(f"{path}: {key} is set by the sweep for each run; it cannot be a variant's override")
     base = load_config(module.BASE, f"{path}: BASE config")
     for key, value in SWEEP_DEFAULTS.items():
         set_value(base, key, value, path)
@@ -168,7 +167,7 @@ def make_runs(sweep: Sweep, args: Sequence[str]) -> list[Run]:
     for arg in args:
         key, value = parse_override(arg, base)
         if key in sweep.keys or key in ("run_name", "train.seed"):
-            raise UserError(f"{arg}: {key} is set per run by {sweep.path}; it cannot be overridden for all runs")
+            raise ConfigError(f"{arg}: {key} is set per run by {sweep.path}; it cannot be overridden for all runs")
         set_value(base, key, value, arg)
     root, runs = base.checkpoint_dir, []
     for seed in sweep.seeds:
@@ -180,7 +179,7 @@ def make_runs(sweep: Sweep, args: Sequence[str]) -> list[Run]:
             try:
                 validate(config)
             except UserError as e:
-                raise UserError(f"{sweep.path}: run {config.run_name}: {e}") from None
+                raise ConfigError(f"{sweep.path}: run {config.run_name}: {e}") from None
             runs.append(Run(variant, seed, config))
     return runs
 
@@ -438,11 +437,11 @@ def parse_args(argv: Sequence[str]) -> tuple[str, bool, bool, list[str]]:
         if arg in options:
             options[arg] = True
         elif arg.startswith("-"):
-            raise UserError(f"unknown option {arg}; use --dry-run, --quick or --config.<key>=<value>")
+            raise ConfigError(f"unknown option {arg}; use --dry-run, --quick or --config.<key>=<value>")
         else:
             paths.append(arg)
     if len(paths) != 1:
-        raise UserError("give one sweep file, e.g. python -m mygpt_jax.experiments experiments/dropout.py "
+        raise ConfigError("give one sweep file, e.g. python -m mygpt_jax.experiments experiments/dropout.py "
                         "[--quick] [--dry-run] [--config.<key>=<value> ...]")
     return paths[0], options["--dry-run"], options["--quick"], overrides
 
@@ -465,7 +464,7 @@ def main(argv: Sequence[str]) -> int:
         try:
             backends.resolve(run.config, backend)
         except UserError as e:
-            raise UserError(f"{sweep.path}: run {run.name}: {e}") from None
+            raise ConfigError(f"{sweep.path}: run {run.name}: {e}") from None
     failed = run_sweep(plan)
     if failed:
         print(f"error: {failed} of {len(plan.runs)} runs failed; their errors are in results.md and results.csv",
@@ -473,17 +472,7 @@ def main(argv: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
-def run_cli(argv: Sequence[str]) -> int:
-    """main() with the command line's conventions: `error: ...` on one line and status 2; Ctrl-C: 130."""
-    logging.set_verbosity(logging.WARNING)  # Orbax and absl are chatty at INFO
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(run_cli(sys.argv[1:]))
+    from mygpt_jax.cli import run
+
+    run(main, own_args=True)

@@ -83,19 +83,20 @@ class DecodeState(NamedTuple):
 
 
 def fit_prompt(ids: list[int], context_length: int, max_new_tokens: int) -> tuple[list[int], int, list[str]]:
-    """Crop the prompt (keeping its last tokens) and cap max_new_tokens so both fit the context."""
+    """(prompt, new tokens, notes) that fit the context: the whole prompt with max_new_tokens capped to the room it
+    leaves; only a prompt that fills the context itself is cut, to its last tokens. At most one note says what
+    changed."""
     if not ids:
         raise UserError("the prompt is empty; give some text to complete")
-    notes = []
-    if max_new_tokens > context_length - 1:
-        notes.append(f"max_new_tokens={max_new_tokens} is capped at {context_length - 1} (context {context_length})")
-        max_new_tokens = context_length - 1
-    room = context_length - max_new_tokens
-    if len(ids) > room:
-        notes.append(f"the prompt has {len(ids)} tokens; kept its last {room} so that it and {max_new_tokens} "
-                     f"new tokens fit the context of {context_length}")
-        ids = ids[-room:]
-    return ids, max_new_tokens, notes
+    if len(ids) < context_length:
+        new = min(max_new_tokens, context_length - len(ids))
+        note = (f"max_new_tokens={max_new_tokens} is capped at {new}: the prompt's {len(ids)} tokens leave room for "
+                f"{new} new ones in the context of {context_length}")
+        return ids, new, [note] if new < max_new_tokens else []
+    new = min(max_new_tokens, context_length - 1)
+    room = context_length - new
+    return ids[-room:], new, [f"the prompt has {len(ids)} tokens, the context {context_length}; kept its last {room} "
+                              f"so that {new} new tokens fit"]
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mygpt_jax import checkpoint, experiments
+from mygpt_jax import checkpoint, cli, experiments
 from mygpt_jax.config import base_config
 from mygpt_jax.errors import UserError
 from tests.utils import REPO, TINY, after_the_device_line, cli_env
@@ -155,7 +155,7 @@ def test_bad_command_line_overrides_are_errors(tmp_path, args, message):
 
 def test_errors_print_one_line_and_exit_2(tmp_path, capsys):
     path = write_sweep(tmp_path, "bad", 'GRID = {"model.drop_rat": [0.0]}\nSEEDS = [1]')
-    assert experiments.run_cli([path, f"--config.checkpoint_dir={tmp_path}"]) == 2
+    assert cli.exit_status(lambda: experiments.main([path, f"--config.checkpoint_dir={tmp_path}"])) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: {path} (GRID): unknown config key 'model.drop_rat' (did you mean 'model.drop_rate'?); the keys "
         "and their defaults are in mygpt_jax/config.py"]

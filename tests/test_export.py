@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shlex
+import stat
+import sys
 from pathlib import Path
 
 import jax
@@ -17,8 +21,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from configs.tiny import get_config
-from mygpt_jax import backends, tokenizer
-from mygpt_jax.errors import UserError
+from mygpt_jax import backends, export, tokenizer
+from mygpt_jax.errors import ConfigError, UserError
 from mygpt_jax.model import GPT, ModelConfig
 from mygpt_jax.pretrained import hub
 from mygpt_jax.pretrained.download import HUB_MODELS
@@ -26,16 +30,19 @@ from mygpt_jax.pretrained.load import load_gpt2
 from mygpt_jax.weights import load_model
 from tests.conftest import hub_layout
 from tests.numpy_gpt2 import hub_tensors, hub_weights, logits, write_hub_folder
-from tests.utils import REPO, after_the_device_line, run_cli
+from tests.utils import REPO, TINY, after_the_device_line, in_small_filesystem, run_cli
 
 GPT2 = f"{REPO}/configs/gpt2_124m.py"
 TEXT = "Every effort moves you toward the<|endoftext|> end."
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny run trained for two steps (no q/k/v biases, an untied head, dropout 0.1) and its export."""
-    ckpt, out = tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("export") / "tiny"
+    root = tmp_path_factory.mktemp("run")
+    ckpt, out = root / "ckpt", root / "export" / "tiny"
     trained = run_cli("train", f"--config.checkpoint_dir={ckpt}", "--config.train.max_steps=2",
                       "--config.train.flops_matmul_size=0")
     assert trained.returncode == 0, trained.stderr
@@ -75,8 +82,11 @@ def test_the_exported_file_gives_the_models_logits(run, tokens):
 def test_the_export_folder_is_what_transformers_reads(run):
     cfg, _, out = run
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "config.json", "generation_config.json", "merges.txt", "model.safetensors", "special_tokens_map.json",
-        "tokenizer_config.json", "vocab.json"])
+        "config.json", "generation_config.json", "merges.txt", "model.safetensors", export.MARKER,
+        "special_tokens_map.json", "tokenizer_config.json", "vocab.json"])
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] == 0o666 & ~UMASK, modes
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~UMASK  # not a temporary folder's 0700
     config = json.loads((out / "config.json").read_text())
     assert config | {"initializer_range": None} == config | {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 50257, "n_positions": 32,
@@ -96,6 +106,14 @@ def test_the_export_folder_is_what_transformers_reads(run):
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 32
     assert json.loads((out / "generation_config.json").read_text()) == {
         "bos_token_id": 50256, "eos_token_id": 50256, "max_new_tokens": 10, "do_sample": False}
+
+
+def test_sampling_from_an_export_names_its_real_size(run):
+    result = run_cli("sample", f"--config.weights_dir={run[2]}", "--config.sample.prompt=Every effort",
+                     "--config.sample.max_new_tokens=3", config=GPT2)
+    assert result.returncode == 0, result.stderr
+    assert f"loaded a model of 2 layers of 32, 2 heads, context 32 (none of OpenAI's GPT-2 sizes) from {run[2]}" in \
+        result.stderr and "GPT-2 124M" not in result.stderr
 
 
 def test_pretrained_gpt2_from_the_hub_exports_its_own_tensors(http_server, tmp_path):
@@ -122,8 +140,55 @@ def test_pretrained_gpt2_from_the_hub_exports_its_own_tensors(http_server, tmp_p
 
 def test_export_without_a_folder_is_one_line(tmp_path):
     result = run_cli("export", f"--config.checkpoint_dir={tmp_path}")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert after_the_device_line(result) == ["error: no folder to export to; pass --config.export.dir=DIR"]
+
+
+def export_config(run, out, **export):
+    config = get_config()
+    config.checkpoint_dir = str(run[2].parent.parent / "ckpt")
+    config.export.dir = str(out)
+    config.export.update(export)
+    backends.resolve(config, backends.current())
+    return config
+
+
+def test_export_refuses_a_folder_of_other_files_and_replaces_an_earlier_export(run, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("my own settings")
+    with pytest.raises(ConfigError, match=r"holds other files \(config.json\).*overwrite=True"):
+        export.main(export_config(run, mine))
+    assert sorted(os.listdir(tmp_path)) == ["mine"] and (mine / "config.json").read_text() == "my own settings"
+    (mine / "notes.txt").write_text("kept")
+    export.main(export_config(run, mine, overwrite=True))
+    assert json.loads((mine / "config.json").read_text())["n_embd"] == 32 and (mine / "notes.txt").read_text() == "kept"
+    again = tmp_path / "again"
+    for _ in range(2):  # the second time into an earlier export: no overwrite needed
+        export.main(export_config(run, again))
+        assert sorted(os.listdir(again)) == sorted(os.listdir(run[2]))
+    assert sorted(os.listdir(tmp_path)) == ["again", "mine"]  # no temporary folder left
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        export.main(export_config(run, tmp_path / "a_file"))
+
+
+def test_a_failed_export_leaves_nothing_half_written(run, tmp_path):
+    """A disk that holds one export but not a second copy: the second fails and the first is as it was."""
+    small, ckpt = tmp_path / "small", run[2].parent.parent / "ckpt"
+    small.mkdir()
+    command = [sys.executable, "-m", "mygpt_jax.export", "--config", TINY, f"--config.checkpoint_dir={ckpt}",
+               f"--config.export.dir={small}/out"]
+    script = (f'{shlex.join(command)} 2>/dev/null && {shlex.join(command)} 2>&1; echo "status=$?"; ls -A {small}; '
+              f"ls -A {small}/out; md5sum {small}/out/model.safetensors {run[2]}/model.safetensors")
+    result = in_small_filesystem(20, small, ["sh", "-c", script])
+    lines = result.stdout.splitlines()
+    assert "status=1" in lines and "Traceback" not in result.stdout, result.stdout + result.stderr
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: could not write the model into {small}/out")
+    after = lines[lines.index("status=1") + 1:]
+    assert after[0] == "out" and sorted(after[1:-2]) == sorted(os.listdir(run[2])), after  # and no temporary folder
+    assert after[-2].split()[0] == after[-1].split()[0]  # the earlier export is whole
 
 
 def test_a_padded_vocabulary_exports_its_real_rows(tmp_path):

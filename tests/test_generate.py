@@ -77,13 +77,31 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert drawn(SamplingSettings(temperature=0.0)) == {0}
 
 
-def test_long_prompts_keep_their_last_tokens():
-    ids, n, notes = fit_prompt(list(range(100)), context_length=64, max_new_tokens=10)
-    assert ids == list(range(46, 100)) and n == 10 and "kept its last 54" in notes[0]
+def test_a_prompt_is_kept_whole_and_the_new_tokens_capped_to_the_room_left():
+    assert fit_prompt([1, 2], context_length=64, max_new_tokens=10) == ([1, 2], 10, [])
     ids, n, notes = fit_prompt([1, 2], context_length=64, max_new_tokens=500)
-    assert n == 63 and ids == [2] and len(notes) == 2
+    assert ids == [1, 2] and n == 62 and len(notes) == 1 and "capped at 62" in notes[0]
+    ids, n, notes = fit_prompt(list(range(60)), context_length=64, max_new_tokens=63)
+    assert ids == list(range(60)) and n == 4 and len(notes) == 1
+    ids, n, notes = fit_prompt(list(range(63)), context_length=64, max_new_tokens=63)
+    assert ids == list(range(63)) and n == 1 and len(notes) == 1
+
+
+def test_only_a_prompt_that_fills_the_context_keeps_its_last_tokens():
+    ids, n, notes = fit_prompt(list(range(100)), context_length=64, max_new_tokens=10)
+    assert ids == list(range(46, 100)) and n == 10 and len(notes) == 1 and "kept its last 54" in notes[0]
+    ids, n, notes = fit_prompt(list(range(64)), context_length=64, max_new_tokens=500)
+    assert ids == [63] and n == 63 and len(notes) == 1
     with pytest.raises(UserError):
         fit_prompt([], 64, 10)
+
+
+def test_a_prompt_near_the_context_is_completed_whole():
+    params = init_params(dataclasses.replace(CFG, init_std=0.2), jax.random.key(0))
+    prompt = list(range(1, 61))
+    generator = Generator(CFG, params, SamplingSettings(max_new_tokens=63, stop_token=None), BACKEND)
+    (tokens,), notes = generator.generate(prompt, jax.random.key(0))
+    assert tokens == recompute_greedy(params, prompt, 4) and len(notes) == 1
 
 
 def test_bfloat16_decoding_streams_bfloat16_weights_and_gives_the_same_greedy_text():

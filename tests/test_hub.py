@@ -4,6 +4,7 @@ download source (a loopback server standing in for it, redirect included) or the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from mygpt_jax import backends
-from mygpt_jax.errors import UserError
-from mygpt_jax.model import GPT
+from mygpt_jax.errors import ConfigError, UserError
+from mygpt_jax.model import GPT, ModelConfig
+from mygpt_jax.pretrained.convert import model_label
 from mygpt_jax.pretrained.download import HUB_FILES, HUB_MODELS
 from mygpt_jax.pretrained.load import load_gpt2
 from tests.conftest import hub_layout
@@ -52,7 +54,8 @@ def test_hub_folder_loads_and_matches_numpy_gpt2(tmp_path, tokens, capsys, prefi
     assert cfg.qkv_bias and cfg.tie_embeddings == (head != "untied") and cfg.drop_rate == 0.0
     assert ("lm_head" in params) == (head == "untied")
     assert_logits_match(cfg, params, tensors, tokens)
-    assert f"loaded GPT-2 124M from {folder} (safetensors, 2 layers of 32, " in capsys.readouterr().err
+    assert f"loaded a model of 2 layers of 32, 4 heads, context 32 (none of OpenAI's GPT-2 sizes) from {folder} " \
+           "(safetensors, 2 layers of 32, " in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no cache written
     assert not (tmp_path / "ckpt").exists()
 
@@ -138,12 +141,36 @@ def test_bad_config_json_is_one_line(tmp_path, change, message):
         load(folder, tmp_path)
 
 
-def test_truncated_safetensors_is_one_line(tmp_path):
+def test_a_truncated_file_in_a_users_weights_dir_is_to_be_replaced_not_deleted(tmp_path):
     folder = write_hub_folder(tmp_path / "hub", hub_tensors(ARCH), ARCH)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
-    with pytest.raises(UserError, match=f"{weights} could not be read .*; delete it to download it again"):
+    with pytest.raises(UserError) as e:
         load(folder, tmp_path)
+    message = str(e.value)
+    assert f"{weights} could not be read" in message and "replace it" in message
+    assert "delete" not in message and "download" not in message and "\n" not in message
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"config.json could not be read .*replace it") as e:
+        load(folder, tmp_path)
+    assert "delete" not in str(e.value)
+
+
+def test_a_truncated_file_in_the_download_cache_is_to_be_deleted_and_downloaded_again(http_server, hub_dir,
+                                                                                       tmp_path):
+    download(tmp_path, http_server(hub_dir, **hub_layout()))
+    weights = tmp_path / "ckpt" / "gpt2" / "124M" / "hub" / REVISION / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(UserError, match=f"{weights} could not be read .*; delete {weights} so that it is "
+                                        "downloaded again"):
+        download(tmp_path, http_server(hub_dir, **hub_layout()))
+
+
+@pytest.mark.parametrize("make, what", [(lambda p: None, "does not exist"), (lambda p: p.write_text(""), "is a file")])
+def test_a_weights_dir_that_is_not_a_folder_says_so(tmp_path, make, what):
+    make(tmp_path / "weights")
+    with pytest.raises(ConfigError, match=f"--config.weights_dir='{tmp_path}/weights' {what}"):
+        load(tmp_path / "weights", tmp_path)
 
 
 def test_folder_of_neither_layout_says_what_both_need(tmp_path):
@@ -191,7 +218,7 @@ def test_hub_download_follows_the_redirect_and_resumes_after_a_drop(http_server,
     assert sorted(p.name for p in dest.iterdir()) == sorted(HUB_FILES)
     assert (dest / "model.safetensors").read_bytes() == (hub_dir / "model.safetensors").read_bytes()
     assert_logits_match(cfg, params, served_tensors, tokens)
-    assert f"loaded GPT-2 124M from {dest} (safetensors" in capsys.readouterr().err
+    assert f"sizes) from {dest} (safetensors" in capsys.readouterr().err
 
     healthy.requests.clear()
     download(tmp_path, healthy)
@@ -229,7 +256,7 @@ def test_the_hugging_face_cache_is_used_without_downloading(http_server, hub_dir
     server = http_server(hub_dir, **hub_layout())
     for revision in ("", "main"):  # the pinned commit, and the branch whose ref names it
         cfg, params = download(tmp_path, server, hub_revision=revision)
-        assert f"loaded GPT-2 124M from {snapshot} (safetensors" in capsys.readouterr().err
+        assert f"sizes) from {snapshot} (safetensors" in capsys.readouterr().err
     assert server.requests == server.redirected == []
     assert not (tmp_path / "ckpt").exists()  # nothing copied, nothing cached
     assert_logits_match(cfg, params, served_tensors, tokens)
@@ -272,3 +299,9 @@ def test_weights_sources_are_checked(sources):
     config.weights_sources = sources
     with pytest.raises(UserError, match=f"--config.weights_sources={sources!r} is invalid: use hub and/or openai"):
         validate(config)
+
+
+def test_weights_are_labelled_by_their_shape_not_the_name_asked_for():
+    gpt2 = ModelConfig(vocab_size=50257, context_length=1024, emb_dim=1024, n_heads=16, n_layers=24)
+    assert model_label(gpt2) == "GPT-2 355M"
+    assert "GPT-2" not in model_label(dataclasses.replace(gpt2, n_layers=12)).split("(")[0]

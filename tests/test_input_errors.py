@@ -7,9 +7,7 @@ import sys
 import jax
 import pytest
 
-from configs.tiny import get_config
 from mygpt_jax import data, hardware
-from mygpt_jax.config import validate
 from mygpt_jax.errors import UserError
 from mygpt_jax.overrides import CONFIG_FILE_HINT
 from tests.utils import REPO, after_the_device_line, cli_env, run_cli
@@ -44,31 +42,7 @@ def test_text_paths_expand_the_home_folder(tmp_path, monkeypatch):
 
 def test_negative_max_steps_names_max_steps(tmp_path):
     result = run_cli("train", "--config.train.max_steps=-1", f"--config.checkpoint_dir={tmp_path}")
-    assert one_line(result, 1) == "error: --config.train.max_steps=-1 is invalid: must be >= 0 (0 = no limit)"
-
-
-@pytest.mark.parametrize("key, value, what", [
-    ("train.warmup_steps", -1, "must be >= 0 (0 = no warmup)"),
-    ("train.learning_rate", 0.0, "must be positive"),
-    ("train.weight_decay", -0.1, "must be >= 0"),
-    ("train.beta1", 1.0, "must be in [0, 1)"),
-    ("train.beta2", -0.5, "must be in [0, 1)"),
-    ("train.eps", 0.0, "must be positive"),
-    ("train.min_lr_ratio", 1.5, "must be in [0, 1]"),
-    ("train.grad_clip", -1.0, "must be >= 0 (0 = no clipping)"),
-    ("train.weight_decay_params", "biases", "use all or matrices"),
-    ("train.seed", -1, "must be >= 0"),  # numpy's epoch order would fail mid-run
-    # Smaller than the tokenizer's: its ids would index past the embedding, and the loss turn nan.
-    ("model.vocab_size", 50000, "the GPT-2 tokenizer's ids go up to 50256, so it must be at least 50257"),
-])
-def test_each_setting_is_checked_under_its_own_name(key, value, what):
-    config = get_config()
-    validate(config)
-    group, name = key.split(".")
-    config[group][name] = value
-    with pytest.raises(UserError) as e:
-        validate(config)
-    assert str(e.value) == f"--config.{key}={value!r} is invalid: {what}"
+    assert one_line(result, 2) == "error: --config.train.max_steps=-1 is invalid: must be >= 0 (0 = no limit)"
 
 
 @pytest.mark.parametrize("body, problem", [

@@ -97,7 +97,7 @@ def test_the_cli_and_the_sweeps_give_one_message_for_one_bad_override(tmp_path):
 def test_the_cli_applies_each_override_through_the_shared_parser(args, shown):
     result = run_cli("train", *args)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1 and shown in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and shown in lines[0], result.stderr
 
 
 def test_the_cli_keeps_its_own_flags_beside_the_overrides():

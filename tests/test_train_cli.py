@@ -202,16 +202,16 @@ def test_sample_without_a_checkpoint_says_how_to_make_one(tmp_path):
     (["--config.train.num_epochz=3"], 2, "unknown config key 'train.num_epochz' (did you mean 'train.num_epochs'?)",
      False),
     (["--config.train.num_epochs=three"], 2, "--config.train.num_epochs=three", False),
-    (["--config.model.n_heads=5"], 1, "--config.model.emb_dim=32 is invalid: must be divisible by model.n_heads=5",
+    (["--config.model.n_heads=5"], 2, "--config.model.emb_dim=32 is invalid: must be divisible by model.n_heads=5",
      False),
     (["--config.data.path=/no/such/file.txt"], 1, "data path /no/such/file.txt does not exist", True),
     (["--config.checkpoint_dir=/proc/mygpt_jax"], 1, "cannot create the run folder /proc/mygpt_jax/tiny", True),
-    (["--config.model.attention=xla"], 1, "fused attention has no dropout on the attention weights; set "
+    (["--config.model.attention=xla"], 2, "fused attention has no dropout on the attention weights; set "
                                           "--config.model.drop_rate=0.0 (now 0.1)", False),
-    (["--config.sample.decode_loop=python"], 1, "--config.sample.decode_loop='python' is invalid: use auto, device "
+    (["--config.sample.decode_loop=python"], 2, "--config.sample.decode_loop='python' is invalid: use auto, device "
                                                 "or host", False),
     pytest.param(["--config.model.attention=cudnn", "--config.model.drop_rate=0", "--config.model.dtype=bfloat16"],
-                 1, "model.attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 or later; this jax "
+                 2, "model.attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 or later; this jax "
                     "runs on cpu", True,
                  marks=pytest.mark.skipif(has_cudnn_attention(), reason="this machine runs cuDNN attention")),
 ])

@@ -12,10 +12,11 @@ needed for nothing else (a converted checkpoint is cached as Orbax by `mygpt_jax
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,45 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from mygpt_jax.config import GPT2_SIZES
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig, init_params
+from mygpt_jax.tokenizer import VOCAB_SIZE
 
 HPARAMS_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 _LEAF_NAMES = {"kernel": "w", "bias": "b", "scale": "g"}  # Flax leaf -> OpenAI leaf
 _MAX_NAMED = 3  # names in one error message
+
+
+def model_label(cfg: ModelConfig) -> str:
+    """What the weights are, by their shape: "GPT-2 124M" for one of OpenAI's sizes, else the shape itself (an
+    export of a run, a model fine-tuned elsewhere), whatever name the config asked for."""
+    for size, shape in GPT2_SIZES.items():
+        if (cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.context_length, cfg.vocab_size) == (*shape, 1024, VOCAB_SIZE):
+            return f"GPT-2 {size}"
+    return (f"a model of {cfg.n_layers} layers of {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length} "
+            "(none of OpenAI's GPT-2 sizes)")
+
+
+class DamagedWeights(UserError):
+    """A weights file that is there but cannot be read; `weights_remedy` adds what to do, which depends on whose
+    folder it is (`path`: what to delete for the download cache to fetch it again)."""
+
+    def __init__(self, message: str, path: str | os.PathLike) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@contextlib.contextmanager
+def weights_remedy(downloaded: bool) -> Iterator[None]:
+    """Turn a DamagedWeights raised inside into one line with the remedy: the download cache's files are deleted to
+    be downloaded again; a user's own weights_dir (which nothing downloads into) is only ever to be replaced."""
+    try:
+        yield
+    except DamagedWeights as e:
+        remedy = (f"delete {e.path} so that it is downloaded again" if downloaded else
+                  "replace it with a whole copy, or point --config.weights_dir at another folder")
+        raise UserError(f"{e}; {remedy}") from e
 
 
 def read_json_object(path: Path, holds: str) -> dict[str, Any]:
@@ -38,9 +72,9 @@ def read_json_object(path: Path, holds: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{path} is missing; the folder must hold {holds}") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} could not be read ({e}); delete it so that it is downloaded again") from e
+        raise DamagedWeights(f"{path} could not be read ({e})", path) from e
     if not isinstance(value, dict):
-        raise UserError(f"{path} is not a JSON object; delete it so that it is downloaded again")
+        raise DamagedWeights(f"{path} is not a JSON object", path)
     return value
 
 
@@ -50,8 +84,7 @@ def read_hparams(folder: str | os.PathLike) -> dict[str, int]:
     hparams = read_json_object(path, "OpenAI's GPT-2 files")
     bad = [k for k in HPARAMS_KEYS if not (type(hparams.get(k)) is int and hparams[k] > 0)]
     if bad:
-        raise UserError(f"{path} lacks positive integers for {', '.join(bad)}; "
-                        "delete it so that it is downloaded again")
+        raise DamagedWeights(f"{path} lacks positive integers for {', '.join(bad)}", path)
     if hparams["n_embd"] % hparams["n_head"]:
         raise UserError(f"{path}: n_embd={hparams['n_embd']} is not divisible by n_head={hparams['n_head']}")
     return {k: hparams[k] for k in HPARAMS_KEYS}
@@ -109,8 +142,7 @@ def convert_checkpoint(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str
             flat[path] = value[0] if path[-1] == "kernel" else value
     except (tf.errors.OpError, IndexError) as e:  # IndexError: a truncated data file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"TensorFlow checkpoint {prefix} could not be read ({reason}); delete {folder} "
-                        "to download it again, or replace its files") from e
+        raise DamagedWeights(f"TensorFlow checkpoint {prefix} could not be read ({reason})", folder) from e
     return cfg, traverse_util.unflatten_dict(flat)
 
 

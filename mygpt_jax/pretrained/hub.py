@@ -27,7 +27,13 @@ from safetensors import SafetensorError, safe_open
 
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import LN_EPS, ModelConfig
-from mygpt_jax.pretrained.convert import check_names, model_config_from_hparams, parameter_shapes, read_json_object
+from mygpt_jax.pretrained.convert import (
+    DamagedWeights,
+    check_names,
+    model_config_from_hparams,
+    parameter_shapes,
+    read_json_object,
+)
 from mygpt_jax.tokenizer import END_OF_TEXT_ID
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -236,4 +242,4 @@ def _read(opened: Any, name: str, shape: tuple[int, ...], file: Path) -> np.ndar
 
 
 def _unreadable(file: Path, error: Exception) -> UserError:
-    return UserError(f"{file} could not be read ({error}); delete it to download it again, or replace it")
+    return DamagedWeights(f"{file} could not be read ({error})", file)

@@ -30,10 +30,16 @@ import jax
 import ml_collections
 
 from mygpt_jax import checkpoint
-from mygpt_jax.errors import UserError
+from mygpt_jax.errors import ConfigError, UserError
 from mygpt_jax.model import ModelConfig, init_params
 from mygpt_jax.pretrained import hub
-from mygpt_jax.pretrained.convert import convert_checkpoint, model_config_from_hparams, read_hparams
+from mygpt_jax.pretrained.convert import (
+    convert_checkpoint,
+    model_config_from_hparams,
+    model_label,
+    read_hparams,
+    weights_remedy,
+)
 from mygpt_jax.pretrained.download import (
     DEFAULT_BASE_URLS,
     FILENAMES,
@@ -93,16 +99,21 @@ def load_gpt2(size: str, *, checkpoint_dir: str = "checkpoints", weights_dir: st
         hub_model = (repo, revision, home / "hub" / revision)  # the Hub's repository, revision and our folder
         folder, layout = _find(sources, home, hub_model) or _download(
             size, sources, home, base_urls, hub_model, hub_url, progress)
-    if layout == "hub":
-        cfg, params = hub.load_folder(folder)
-        print(f"loaded GPT-2 {size} from {folder} (safetensors, {cfg.n_layers} layers of {cfg.emb_dim}, "
-              f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        return cfg, jax.device_put(params)
-    return _load_openai(size, folder, folder / "flax" if os.access(folder, os.W_OK) else home / "flax", start)
+    with weights_remedy(downloaded=not weights_dir):
+        if layout == "hub":
+            cfg, params = hub.load_folder(folder)
+            print(f"loaded {model_label(cfg)} from {folder} (safetensors, {cfg.n_layers} layers of {cfg.emb_dim}, "
+                  f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)
+            return cfg, jax.device_put(params)
+        return _load_openai(size, folder, folder / "flax" if os.access(folder, os.W_OK) else home / "flax", start)
 
 
 def _layout(folder: Path) -> str:
     """"hub" or "openai": which of the two layouts `folder` holds, else a UserError saying what it lacks."""
+    if not folder.is_dir():
+        raise ConfigError(f"--config.weights_dir={str(folder)!r} " + ("is a file" if folder.exists() else
+                          "does not exist") + "; name the folder that holds GPT-2's weights, or leave it empty to "
+                          "download them")
     if (folder / hub.CONFIG_FILE).is_file():
         return "hub"
     missing = [name for name in FILENAMES if not (folder / name).is_file()]
@@ -150,14 +161,14 @@ def _load_openai(size: str, folder: Path, cache: Path, start: float) -> tuple[Mo
     cfg = model_config_from_hparams(hparams)
     if _cache_matches(cache, meta):
         params = _restore(cache, cfg)
-        print(f"loaded GPT-2 {size} from {cache} (Orbax cache, {time.perf_counter() - start:.1f} s)",
+        print(f"loaded {model_label(cfg)} from {cache} (Orbax cache, {time.perf_counter() - start:.1f} s)",
               file=sys.stderr)
         return cfg, jax.device_put(params)
 
     cfg, params = convert_checkpoint(folder)
     shutil.rmtree(cache, ignore_errors=True)  # a cache of other weights or of an older format
     checkpoint.save(str(cache), 0, params, meta)
-    print(f"loaded GPT-2 {size} from {folder} (converted from TensorFlow in {time.perf_counter() - start:.1f} s; "
+    print(f"loaded {model_label(cfg)} from {folder} (converted from TensorFlow in {time.perf_counter() - start:.1f} s; "
           f"cached as Orbax in {cache} for next time)", file=sys.stderr)
     return cfg, jax.device_put(params)
 
