@@ -153,6 +153,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = x = ml_collections.ConfigDict()
     # The folder `python -m mygpt_jax.export` writes the model into, for transformers' from_pretrained.
     x.dir = ""
+
+    # python -m mygpt_jax.serve: the OpenAI-compatible completions server (docs/serving.md).
+    c.serve = v = ml_collections.ConfigDict()
+    v.host = "127.0.0.1"  # the address it listens on; 0.0.0.0 = every interface (no authentication)
+    v.port = 8000  # 0 = a free port the system picks (printed once ready)
+    v.max_batch = 8  # sequences decoded together by the one compiled step (the KV cache has this many rows)
+    v.max_queue = 64  # sequences waiting for a row; a request that would exceed it is answered 429 (Retry-After)
+    v.max_n = 8  # the largest `n` (completions per prompt) a request may ask for
+    v.drain_s = 30.0  # on Ctrl-C/SIGTERM: seconds requests in flight may take to finish before they are cut off
+    v.model_name = ""  # the model id of the API (/v1/models, a request's `model`); "" = run_name
+    v.cors_origins = ""  # origins allowed to call the API from a browser, comma-separated ("*" = any); "" = none
+    v.request_timeout_s = 600.0  # a request still running after this long is cut off (queueing included)
     return c
 
 
@@ -241,6 +253,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
     sources = c.weights_sources.split(",")
     require(set(sources) <= {"hub", "openai"} and len(set(sources)) == len(sources),
             "weights_sources", "use hub and/or openai, comma-separated, each once")
+    validate_serve(c.serve)
+
+
+def validate_serve(v: ml_collections.ConfigDict) -> None:
+    """The `serve` section's values (python -m mygpt_jax.serve); a UserError names the key."""
+    checks = (
+        (0 <= v.port <= 65535, "port", "must be a TCP port (0 = a free one)"),
+        (bool(v.host), "host", "must be an address such as 127.0.0.1"),
+        (v.max_batch >= 1, "max_batch", "must be a positive number of rows"),
+        (v.max_queue >= 0, "max_queue", "must be >= 0"),
+        (v.max_n >= 1, "max_n", "must be >= 1"),
+        (v.drain_s >= 0, "drain_s", "must be >= 0 seconds"),
+        (v.request_timeout_s > 0, "request_timeout_s", "must be positive"),
+    )
+    for ok, key, what in checks:
+        if not ok:
+            raise UserError(f"--config.serve.{key}={v[key]!r} is invalid: {what}")
 
 
 # OpenAI's GPT-2 sizes: (emb_dim, n_heads, n_layers); all have context 1024, qkv bias and a tied head.

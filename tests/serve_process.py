@@ -1,0 +1,57 @@
+"""The completions server as the tests run it: a tiny model's checkpoint (random weights, peaked enough that texts
+differ), `python -m mygpt_jax.serve` in a real process on 127.0.0.1 at a free port, and its stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from mygpt_jax import checkpoint, overrides
+from mygpt_jax.model import ModelConfig, init_params
+from tests.utils import REPO, TINY, cli_env
+
+TINY_STD = 0.3  # a larger init than training's 0.02: the random model's next-token choices are clear-cut
+
+
+def tiny_model(checkpoint_dir: Path) -> tuple[ModelConfig, Any]:
+    """Random tiny weights saved as the run `tiny` of `checkpoint_dir` (what `sample` and `serve` load)."""
+    config = overrides.load_config(TINY)
+    config.model.init_std, config.model.drop_rate = TINY_STD, 0.0
+    config.model.dtype, config.model.attention = "float32", "explicit"
+    cfg = ModelConfig.from_config(config.model)
+    params = init_params(cfg, jax.random.key(0))
+    checkpoint.save(str(checkpoint_dir / "tiny"), 1, params, {"config": config.to_dict()})
+    return cfg, params
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+    log: Path  # its stderr
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_server(checkpoint_dir: Path, *overrides: str, timeout: float = 600) -> ServerProcess:
+    """Start the server on a free port and wait until it prints its address (everything compiled)."""
+    log = checkpoint_dir / f"serve-{len(list(checkpoint_dir.glob('serve-*')))}.log"
+    cmd = [sys.executable, "-m", "mygpt_jax.serve", "--config", TINY, f"--config.checkpoint_dir={checkpoint_dir}",
+           "--config.serve.port=0", *overrides]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+    line = proc.stdout.readline()  # blocks until ready, or "" if it died
+    assert line.startswith("serving "), f"no address printed: {line!r}\n{log.read_text()}"
+    return ServerProcess(proc, line.split(" at ")[1].split()[0], log)
