@@ -19,14 +19,16 @@ from tests.utils import REPO, TINY, cli_env
 TINY_STD = 0.3  # a larger init than training's 0.02: the random model's next-token choices are clear-cut
 
 
-def tiny_model(checkpoint_dir: Path) -> tuple[ModelConfig, Any]:
-    """Random tiny weights saved as the run `tiny` of `checkpoint_dir` (what `sample` and `serve` load)."""
+def tiny_model(checkpoint_dir: Path, run_name: str = "tiny", **model: Any) -> tuple[ModelConfig, Any]:
+    """Random weights of configs/tiny.py's model (with `model`'s keys changed) saved as the run `run_name` of
+    `checkpoint_dir`, which `sample` and `serve` load with --config.run_name."""
     config = overrides.load_config(TINY)
     config.model.init_std, config.model.drop_rate = TINY_STD, 0.0
     config.model.dtype, config.model.attention = "float32", "explicit"
+    config.model.update(model)
     cfg = ModelConfig.from_config(config.model)
     params = init_params(cfg, jax.random.key(0))
-    checkpoint.save(str(checkpoint_dir / "tiny"), 1, params, {"config": config.to_dict()})
+    checkpoint.save(str(checkpoint_dir / run_name), 1, params, {"config": config.to_dict()})
     return cfg, params
 
 
@@ -45,7 +47,7 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-def start_server(checkpoint_dir: Path, *overrides: str, timeout: float = 600) -> ServerProcess:
+def start_server(checkpoint_dir: Path, *overrides: str) -> ServerProcess:
     """Start the server on a free port and wait until it prints its address (everything compiled)."""
     log = checkpoint_dir / f"serve-{len(list(checkpoint_dir.glob('serve-*')))}.log"
     cmd = [sys.executable, "-m", "mygpt_jax.serve", "--config", TINY, f"--config.checkpoint_dir={checkpoint_dir}",

@@ -25,7 +25,7 @@ PROMPT = "Every effort moves you"
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("playground")
     tiny_model(folder)
-    server = start_server(folder)
+    server = start_server(folder, "--config.serve.max_batch=4")
     yield server
     assert server.stop() == 0
 
