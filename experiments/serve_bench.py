@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import random
 import statistics
 import sys
@@ -40,6 +41,8 @@ def one_stream(url: str, model: str, max_tokens: int) -> tuple[float, float, int
             "stream_options": {"include_usage": True}}
     connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
+    if response.status != 200:
+        raise SystemExit(f"error: the server answered {response.status}: {response.read().decode()}")
     for line in response:
         if not line.startswith(b"data: {"):
             continue
@@ -70,21 +73,24 @@ def run_load(url: str, model: str, streams: int, requests: int, max_tokens: int,
                 time.sleep(rng.expovariate(1 / gap_s))
     wall = time.perf_counter() - start
     ttft, latency = sorted(r[0] for r in results), sorted(r[1] for r in results)
+    p95 = min(len(results) - 1, math.ceil(0.95 * len(results)) - 1)  # nearest rank
     return {"tokens_per_s": sum(r[2] for r in results) / wall, "ttft_p50": statistics.median(ttft),
-            "ttft_p95": ttft[int(0.95 * (len(ttft) - 1))], "latency_p50": statistics.median(latency),
-            "latency_p95": latency[int(0.95 * (len(latency) - 1))]}
+            "ttft_p95": ttft[p95], "latency_p50": statistics.median(latency), "latency_p95": latency[p95]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=0, help="per request; 0 = 16 for tiny (its context is 32), "
+                        "64 for gpt2_124m")
     parser.add_argument("--rounds", type=int, default=2, help="requests per stream slot at each level")
     args = parser.parse_args()
+    args.max_tokens = args.max_tokens or (16 if args.model == "tiny" else 64)
     with tempfile.TemporaryDirectory() as folder:
         tiny_model(Path(folder), args.model, **SHAPES[args.model])
         server = start_server(Path(folder), f"--config.run_name={args.model}", "--config.serve.max_batch=8")
         try:
+            run_load(server.url, args.model, 1, 1, args.max_tokens, 0)  # warm-up: the first request's costs
             solo = run_load(server.url, args.model, 1, 3, args.max_tokens, 0)
             print(f"{args.model}: one stream alone: {solo['tokens_per_s']:.1f} tokens/s, first token after "
                   f"{solo['ttft_p50'] * 1000:.0f} ms\n")

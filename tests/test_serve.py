@@ -4,6 +4,7 @@ bad input, and a SIGTERM that drains requests in flight. One server for the modu
 
 from __future__ import annotations
 
+import functools
 import http.client
 import itertools
 import json
@@ -110,9 +111,16 @@ def test_stop_sequences_cut_the_text_streamed_or_not(client):
 
 def _model_logprobs(cfg, params, ids: list[int]) -> np.ndarray:
     """log-softmax of the model's logits at every position of `ids`, by a direct apply (no cache), as evaluation
-    computes them."""
-    logits, _ = GPT(cfg, STOCK).apply({"params": params}, np.asarray([ids], np.int32))
-    return np.asarray(jax.nn.log_softmax(logits[0, :, :cfg.vocab_size], axis=-1))
+    computes them; padded to the context (causal: the padding changes nothing before it), so one compile."""
+    padded = np.zeros((1, cfg.context_length), np.int32)
+    padded[0, :len(ids)] = ids
+    logits = _apply(cfg, params, padded)
+    return np.asarray(jax.nn.log_softmax(logits[0, :len(ids), :cfg.vocab_size], axis=-1))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(cfg, params, tokens):
+    return GPT(cfg, STOCK).apply({"params": params}, tokens)[0]
 
 
 def test_logprobs_and_echo_are_the_models(served, client):

@@ -24,17 +24,26 @@ def _filter(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where((top_p[:, None] < 1.0) & (logits < cutoff), -jnp.inf, logits)
 
 
+def _draw(logits: jax.Array, keys: jax.Array) -> jax.Array:
+    """A token per row from softmax(logits), by the inverse of its cumulative distribution at one uniform number
+    per row (a Gumbel draw, as `jax.random.categorical` makes, costs a random number per vocabulary entry)."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+    return jnp.sum(cdf < u[:, None], axis=-1)
+
+
 def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
                 top_p: jax.Array) -> jax.Array:
     """Next token ids (rows,) from logits (rows, vocab): greedy where a row's temperature is 0, else drawn with
     that row's key after temperature, top-k and top-p. The sort that top-k and top-p need runs only in steps
-    where some row uses them."""
+    where some row uses them, the draw only where some row samples."""
     greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    filtering = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1.0)))
+    sampling = temperature > 0
+    scaled = logits / jnp.where(sampling, temperature, 1.0)[:, None]
+    filtering = jnp.any(sampling & ((top_k > 0) | (top_p < 1.0)))
     scaled = jax.lax.cond(filtering, _filter, lambda x, *_: x, scaled, top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    drawn = jax.lax.cond(jnp.any(sampling), _draw, lambda x, _: jnp.zeros(x.shape[:1], jnp.int32), scaled, keys)
+    return jnp.where(sampling, drawn, greedy).astype(jnp.int32)
 
 
 def logprobs_of(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
