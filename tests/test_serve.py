@@ -243,6 +243,13 @@ def test_a_busy_port_is_one_line(served):
     assert result.stderr.strip().splitlines()[-1].startswith("error: 127.0.0.1:") and "Traceback" not in result.stderr
 
 
+def test_a_bad_setting_is_one_line():
+    result = run_cli("serve", "--config.serve.max_batch=0")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: --config.serve.max_batch=0 is invalid: must be a "
+                                                      "positive number of rows")
+
+
 def test_sigterm_drains_requests_in_flight(served, client):
     """Last in the module: it stops the module's server."""
     server = served[0]
