@@ -30,6 +30,7 @@ from tests.serve_process import start_server, tiny_model  # noqa: E402
 from tests.utils import run_cli  # noqa: E402
 
 MAX_BATCH, MAX_QUEUE = 4, 16
+ORIGIN = "http://playground.test"  # the one origin allowed to call from a browser
 PROMPTS = ["Every effort moves you", "I had always thought", "The sun", "It was", "She said that", "Hello",
            "In the end", "A dog"]
 
@@ -38,7 +39,8 @@ PROMPTS = ["Every effort moves you", "I had always thought", "The sun", "It was"
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     cfg, params = tiny_model(folder)
-    server = start_server(folder, f"--config.serve.max_batch={MAX_BATCH}", f"--config.serve.max_queue={MAX_QUEUE}")
+    server = start_server(folder, f"--config.serve.max_batch={MAX_BATCH}", f"--config.serve.max_queue={MAX_QUEUE}",
+                          f"--config.serve.cors_origins={ORIGIN}")
     yield server, cfg, params
     server.stop()
 
@@ -65,8 +67,7 @@ def streamed(client, prompt, **kwargs) -> tuple[dict[int, str], dict[int, str]]:
 
 def test_models_health_and_a_completion(served, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    with urllib.request.urlopen(served[0].url + "/health") as r:
-        assert json.load(r)["status"] == "ok"
+    assert _health(served[0].url)["status"] == "ok"
     reply = complete(client, "Every effort moves you", max_tokens=8, temperature=0)
     assert reply.object == "text_completion" and reply.model == "tiny" and reply.id
     [choice] = reply.choices
@@ -220,19 +221,31 @@ def test_other_routes_and_a_full_queue(served, client):
     too_many = {"model": "tiny", "prompt": ["a", "b", "c"], "n": 8, "max_tokens": 2}  # 24 > rows + queue
     status, reply, headers = _post(url + "/v1/completions", too_many)
     assert status == 429 and headers.get("Retry-After") and reply["error"]["code"] == "queue_full"
+    for origin, allowed in ((ORIGIN, ORIGIN), ("http://elsewhere.test", None)):
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers={"Origin": origin})) as r:
+            assert r.headers.get("Access-Control-Allow-Origin") == allowed
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(served, client):
-    parts = urllib.parse.urlsplit(served[0].url)
+def _health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health") as r:
+        return json.load(r)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_rows(served, client):
+    url = served[0].url
+    before = _health(url)["tokens_generated"]
+    parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port)
-    connection.request("POST", "/v1/completions", json.dumps(
-        {"model": "tiny", "prompt": "Hello", "max_tokens": 28, "stream": True}), {"Content-Type": "application/json"})
+    many = {"model": "tiny", "prompt": ["Hello", "A dog", "The sun"], "n": 5, "max_tokens": 28, "stream": True}
+    connection.request("POST", "/v1/completions", json.dumps(many), {"Content-Type": "application/json"})
     response = connection.getresponse()
     assert response.status == 200 and response.read(7) == b"data: {"
-    connection.close()  # mid-stream
+    connection.close()  # mid-stream: 15 sequences of 28 tokens, 4 rows at a time, most still queued
+    # served after them (first come, first served) unless the closed stream's sequences were dropped
     assert complete(client, "Hello", max_tokens=3, temperature=0).choices[0].finish_reason == "length"
-    with urllib.request.urlopen(served[0].url + "/health") as r:
-        assert json.load(r)["rows_busy"] == 0
+    health = _health(url)
+    assert (health["rows_busy"], health["waiting"]) == (0, 0)
+    assert health["tokens_generated"] - before < 15 * 28
     assert "Traceback" not in served[0].stderr() and "error" not in served[0].stderr()
 
 

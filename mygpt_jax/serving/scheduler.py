@@ -31,6 +31,7 @@ class Scheduler:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self.generated = 0  # tokens generated since the start, every row's
         self._thread: threading.Thread | None = None
 
     def start(self, on_ready: Callable[[str], None], on_failure: Callable[[BaseException], None]) -> None:
@@ -69,7 +70,7 @@ class Scheduler:
         """How many rows are decoding and how many sequences wait (a snapshot, for /health)."""
         with self._wake:
             return {"rows": self.engine.rows, "rows_busy": sum(s is not None for s in self._slots),
-                    "waiting": len(self._waiting)}
+                    "waiting": len(self._waiting), "tokens_generated": self.generated}
 
     def cancel(self, sequences: list[Sequence]) -> None:
         """The client has gone: the scheduler frees their rows (or drops them from the queue) at its next turn."""
@@ -127,6 +128,7 @@ class Scheduler:
     def _step(self) -> None:
         active = np.array([s is not None for s in self._slots])
         out = self.engine.step(active)
+        self.generated += int(active.sum())
         ended = False
         for i, s in enumerate(self._slots):
             if s is not None and s.push(int(out.token[i]), out.logprob[i], out.top_ids[i], out.top_logprobs[i]):
