@@ -9,6 +9,7 @@ sequences, and the scheduler frees their rows at its next turn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import secrets
@@ -87,7 +88,8 @@ class Choices:
         seed = c.seed if c.seed is not None else secrets.randbits(32)
 
         def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            with contextlib.suppress(RuntimeError):  # the event loop has closed (the server stopped): no listener
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
         self.sequences = [
             Sequence(i * c.n + j, ChoiceRequest(prompt, c.max_tokens, c.stop, c.logprobs, c.echo,
