@@ -110,9 +110,8 @@ class Engine:
 
     def _insert(self, state: Rows, prefill: Prefill, slot: jax.Array, length: jax.Array, seed: jax.Array,
                 choice: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> Rows:
-        cache = [KVCache(*(jax.lax.dynamic_update_slice(big, row.astype(big.dtype), (slot, 0, 0, 0))
-                           for big, row in ((rows.k, new.k), (rows.v, new.v))))
-                 for rows, new in zip(state.cache, prefill.cache, strict=True)]
+        cache = jax.tree.map(lambda big, row: jax.lax.dynamic_update_slice(
+            big, row.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1)), state.cache, prefill.cache)
         key = jax.random.fold_in(jax.random.key(seed), choice)
         return Rows(cache, state.logits.at[slot].set(prefill.logits[length - 1]), state.position.at[slot].set(length),
                     state.count.at[slot].set(0), state.keys.at[slot].set(key),
@@ -125,9 +124,8 @@ class Engine:
         sampled = Sampled(token, *logprobs_of(state.logits, token))
 
         def one_row(token: jax.Array, cache: list[KVCache], index: jax.Array) -> tuple[jax.Array, list[KVCache]]:
-            rows = [KVCache(c.k[None], c.v[None]) for c in cache]
-            logits, rows = self._apply(params, token[None, None], rows, index)
-            return logits[0, -1, :self.vocab], [KVCache(c.k[0], c.v[0]) for c in rows]
+            logits, cache = self._apply(params, token[None, None], jax.tree.map(lambda c: c[None], cache), index)
+            return logits[0, -1, :self.vocab], jax.tree.map(lambda c: c[0], cache)
 
         logits, cache = jax.vmap(one_row)(token, state.cache, jnp.where(active, state.position, 0))
         step = active.astype(jnp.int32)
@@ -143,11 +141,11 @@ class Engine:
 
     @staticmethod
     def _resize(state: Rows, length: int) -> Rows:
-        def fit(c: jax.Array) -> jax.Array:
+        def fit(c: jax.Array) -> jax.Array:  # positions are the cache's third axis (model.KVCache)
             have = c.shape[2]
             return c[:, :, :length] if have >= length else jnp.pad(c, [(0, 0), (0, 0), (0, length - have), (0, 0)])
 
-        return state._replace(cache=[KVCache(fit(c.k), fit(c.v)) for c in state.cache])
+        return state._replace(cache=jax.tree.map(fit, state.cache))
 
     def compile(self) -> int:
         """Compile every program for every bucket (so that no request waits for a compile) and create the rows;
