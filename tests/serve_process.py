@@ -4,9 +4,11 @@ differ), `python -m mygpt_jax.serve` in a real process on 127.0.0.1 at a free po
 from __future__ import annotations
 
 import dataclasses
+import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from mygpt_jax import checkpoint, overrides
 from mygpt_jax.model import ModelConfig, init_params
 from tests.utils import REPO, TINY, cli_env
 
+START_TIMEOUT_S = 900  # a server that has not printed its address by then has hung
 TINY_STD = 0.3  # a larger init than training's 0.02: the random model's next-token choices are clear-cut
 
 
@@ -54,6 +57,11 @@ def start_server(checkpoint_dir: Path, *overrides: str) -> ServerProcess:
            "--config.serve.port=0", *overrides]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=err, text=True)
-    line = proc.stdout.readline()  # blocks until ready, or "" if it died
-    assert line.startswith("serving "), f"no address printed: {line!r}\n{log.read_text()}"
+    deadline, line = time.time() + START_TIMEOUT_S, ""
+    while not line and proc.poll() is None and time.time() < deadline:
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()  # the address, printed once everything is compiled
+    if not line.startswith("serving "):
+        proc.kill()
+        raise AssertionError(f"no address printed: {line!r}\n{log.read_text()}")
     return ServerProcess(proc, line.split(" at ")[1].split()[0], log)
