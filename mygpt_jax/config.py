@@ -172,6 +172,18 @@ def base_config() -> ml_collections.ConfigDict:
     x.dir = ""
     # Export into a folder that holds other files (not an earlier export), replacing what it holds.
     x.overwrite = False
+
+    # python -m mygpt_jax.serve: the OpenAI-compatible completions server (docs/serving.md).
+    c.serve = v = ml_collections.ConfigDict()
+    v.host = "127.0.0.1"  # the address it listens on; 0.0.0.0 = every interface (no authentication)
+    v.port = 8000  # 0 = a free port the system picks (printed once ready)
+    v.max_batch = 8  # sequences decoded together by the one compiled step (the KV cache has this many rows)
+    v.max_queue = 64  # sequences waiting for a row; a request that would exceed it is answered 429 (Retry-After)
+    v.max_n = 8  # the largest `n` (completions per prompt) a request may ask for
+    v.drain_s = 30.0  # on Ctrl-C/SIGTERM: seconds requests in flight may take to finish before they are cut off
+    v.model_name = ""  # the model id of the API (/v1/models, a request's `model`); "" = run_name
+    v.cors_origins = ""  # origins allowed to call the API from a browser, comma-separated ("*" = any); "" = none
+    v.request_timeout_s = 600.0  # a request still running after this long is cut off (queueing included)
     return c
 
 
@@ -293,10 +305,21 @@ def _validate_run(c: ml_collections.ConfigDict) -> None:
             "weights_sources", "use hub and/or openai, comma-separated, each once")
 
 
+def _validate_serve(c: ml_collections.ConfigDict) -> None:
+    v = c.serve
+    require(c, 0 <= v.port <= 65535, "serve.port", "must be a TCP port (0 = a free one)")
+    require(c, bool(v.host), "serve.host", "must be an address such as 127.0.0.1")
+    require(c, v.max_batch >= 1, "serve.max_batch", "must be a positive number of rows")
+    require(c, v.max_queue >= 0, "serve.max_queue", "must be >= 0")
+    require(c, v.max_n >= 1, "serve.max_n", "must be >= 1")
+    require(c, v.drain_s >= 0, "serve.drain_s", "must be >= 0 seconds")
+    require(c, v.request_timeout_s > 0, "serve.request_timeout_s", "must be positive")
+
+
 # One check per section of the config, run in this order; a new section adds its function here.
 VALIDATORS: tuple[Callable[[ml_collections.ConfigDict], None], ...] = (
     _validate_model, _validate_mesh, _validate_distributed, _validate_data, _validate_train, _validate_sample,
-    _validate_eval, _validate_run)
+    _validate_eval, _validate_run, _validate_serve)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
