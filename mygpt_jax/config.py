@@ -7,6 +7,7 @@ an override of a key that does not exist is an error (the ConfigDict is locked b
 import functools
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -99,6 +100,14 @@ def base_config() -> ml_collections.ConfigDict:
     # drawn from (train.seed, step), for train.max_steps steps.
     d.sampling = "epochs"
     d.cache_dir = ""  # where prepared corpora go; "" = <checkpoint_dir>/data
+    # How a folder's documents are split: "auto" = each file (or record) to one split by the hash of its path (and
+    # index), each document's tail when that leaves a split shorter than one window; "tails" = the last
+    # (1 - train_ratio) of every document's tokens validates (shares exactly as asked, on a folder of few files).
+    d.split = "auto"
+    d.text_field = "text"  # the field of a record (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet) that holds its text
+    # > 0: a prefix of the corpus, its documents in file order up to the one that reaches this many tokens
+    # ("the first 1B tokens of FineWeb-Edu": 1_000_000_000); part of the prepared folder's name and fingerprint.
+    d.max_tokens = 0
     d.workers = 0  # tokenizer threads when preparing; 0 = every core
     # Resume a run although its corpus changed since the checkpoint (else that stops with one line).
     d.allow_changes = False
@@ -165,6 +174,13 @@ def run_folder(config: ml_collections.ConfigDict) -> str:
     return os.path.join(config.checkpoint_dir, config.run_name)
 
 
+def validate_corpus_keys(d: ml_collections.ConfigDict, require: Callable[[bool, str, str], None]) -> None:
+    """The data keys of corpus preparation (`require(ok, key, what)` raises the UserError naming the key)."""
+    require(d.split in ("auto", "tails"), "data.split", "use auto or tails")
+    require(bool(d.text_field), "data.text_field", "must name the field that holds a record's text, e.g. text")
+    require(d.max_tokens >= 0, "data.max_tokens", "must be >= 0 (0 = the whole corpus)")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Check values that types alone do not catch; raise a UserError naming the key."""
 
@@ -208,6 +224,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "data.sampling=random trains for train.max_steps steps: set it > 0")
     require(d.workers >= 0, "data.workers", "must be >= 0 (0 = every core)")
     require(bool(d.glob), "data.glob", "must be a pattern such as **/*.txt")
+    validate_corpus_keys(d, require)
     for key in ("num_epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum_steps", "checkpoint_every",
                 "max_to_keep"):
         require(t[key] > 0, f"train.{key}", "must be a positive integer")

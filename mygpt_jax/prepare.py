@@ -50,6 +50,7 @@ CHUNK_BYTES = 1 << 20  # what one worker tokenizes at a time
 PROCESSES_FROM_BYTES = 64 << 20  # corpora this large are tokenized by processes, smaller ones by threads
 MIN_SPLIT_TOKENS = 1025  # one window at GPT-2's context of 1024: less in a split and documents are split instead
 COPY_TOKENS = 1 << 24
+SHARE_TOLERANCE = 0.1  # a validation share further than this from 1 - train_ratio gets a line
 
 
 @dataclasses.dataclass
@@ -108,29 +109,35 @@ class _Reader:
     def chunks(self) -> Iterator[_Chunk]:
         for doc, source in enumerate(self.sources):
             path = os.path.join(self.spec.root, source.rel)
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for split, start, end in self._parts(doc, path):
-                    f.seek(start)
-                    offset, carry, first = start, b"", True
-                    while doc not in self.failed:
-                        block = f.read(min(CHUNK_BYTES, end - f.tell()))
-                        digest.update(block)
-                        data = carry + block
-                        if f.tell() >= end or not block:  # the part's last chunk
-                            if data:
-                                yield _Chunk(doc, split, offset, data, first, True)
-                            break
-                        cut = safe_cut(data, max(0, len(carry) - 2))  # carry itself has no safe point
-                        if cut is None:
-                            carry = data  # the chunk grows until one is found
-                            continue
-                        yield _Chunk(doc, split, offset, data[:cut], first, False)
-                        offset, carry, first = offset + cut, data[cut:], False
-                while block := f.read(corpus.HASH_BLOCK):  # the rest of a file found bad, for its hash
+            try:
+                yield from self._file_chunks(doc, path)
+            except OSError as e:
+                raise corpus.unreadable(path, e) from e
+
+    def _file_chunks(self, doc: int, path: str) -> Iterator[_Chunk]:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for split, start, end in self._parts(doc, path):
+                f.seek(start)
+                offset, carry, first = start, b"", True
+                while doc not in self.failed:
+                    block = f.read(min(CHUNK_BYTES, end - f.tell()))
                     digest.update(block)
-                self.bytes_read[doc] = f.tell()
-            self.sha256[doc] = digest.hexdigest()
+                    data = carry + block
+                    if f.tell() >= end or not block:  # the part's last chunk
+                        if data:
+                            yield _Chunk(doc, split, offset, data, first, True)
+                        break
+                    cut = safe_cut(data, max(0, len(carry) - 2))  # carry itself has no safe point
+                    if cut is None:
+                        carry = data  # the chunk grows until one is found
+                        continue
+                    yield _Chunk(doc, split, offset, data[:cut], first, False)
+                    offset, carry, first = offset + cut, data[cut:], False
+            while block := f.read(corpus.HASH_BLOCK):  # the rest of a file found bad, for its hash
+                digest.update(block)
+            self.bytes_read[doc] = f.tell()
+        self.sha256[doc] = digest.hexdigest()
 
 
 class _TokenFile:
@@ -285,7 +292,8 @@ def default_workers() -> int:
 def prepare(spec: Spec, folder: str, workers: int = 0, progress: bool | None = None, out: Any = None) -> dict:
     """Tokenize the corpus of `spec` into `folder` (replacing what is there) and return its meta; the summary
     line goes to `out` (default: stdout)."""
-    sources = corpus.find_sources(spec)
+    found = corpus.find_sources(spec)
+    sources = found.sources
     workers = workers or default_workers()
     parent = os.path.dirname(folder)
     try:
@@ -311,10 +319,11 @@ def prepare(spec: Spec, folder: str, workers: int = 0, progress: bool | None = N
                 raise UserError(f"data file {spec.path} is {bad[0]}; convert it to UTF-8 text or choose another "
                                 "--config.data.path")
             rule = "characters" if spec.kind == "file" else "files"
-            if rule == "files" and min(f.tokens for f in files.values()) < MIN_SPLIT_TOKENS and spans:
+            if rule == "files" and spans and (spec.split == "tails" or min(f.tokens for f in files.values())
+                                              < MIN_SPLIT_TOKENS):
                 _split_documents(tmp, spans, spec.train_ratio)
                 rule = "document tails"
-            meta = _meta(spec, sources, reader, spans, bad, rule, _split_stats(tmp, spans),
+            meta = _meta(spec, found, reader, spans, bad, rule, _split_stats(tmp, spans),
                          time.perf_counter() - start, workers)
             with open(os.path.join(tmp, corpus.META), "w") as f:
                 json.dump(meta, f)
@@ -351,8 +360,10 @@ def _move_into_place(tmp: str, folder: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another process prepared the same corpus first
 
 
-def _meta(spec: Spec, sources: list[Source], reader: _Reader, spans: dict, bad: dict[int, str], rule: str,
+def _meta(spec: Spec, found: corpus.Found, reader: _Reader, spans: dict, bad: dict[int, str], rule: str,
           splits: dict[str, dict[str, Any]], seconds: float, workers: int) -> dict:
+    sources = found.sources
+
     def split_of(doc: int) -> str:
         if doc in bad or doc not in spans:
             return "skipped"
@@ -362,7 +373,7 @@ def _meta(spec: Spec, sources: list[Source], reader: _Reader, spans: dict, bad: 
     return {
         "format": corpus.FORMAT_VERSION, "tokenizer": corpus.TOKENIZER,
         "source": {"path": spec.path, "kind": spec.kind, "glob": spec.glob, "exclude": list(spec.exclude),
-                   "train_ratio": spec.train_ratio},
+                   "train_ratio": spec.train_ratio, "split": spec.split},
         "split": rule, "end_of_text": spec.kind != "file",
         "files": {"path": [s.rel for s in sources], "size": [s.size for s in sources],
                   "mtime_ns": [s.mtime_ns for s in sources], "sha256": [reader.sha256.get(d, "") for d in docs],
@@ -370,7 +381,8 @@ def _meta(spec: Spec, sources: list[Source], reader: _Reader, spans: dict, bad: 
                   "tokens": [sum(n for _, _, n in spans.get(d, [])) for d in docs],
                   "note": [bad.get(d, "empty" if reader.bytes_read.get(d) == 0 else "") for d in docs]},
         **splits,
-        "skipped": {"empty": sum(reader.bytes_read.get(d) == 0 for d in docs), "not_text": len(bad)},
+        "skipped": {"empty": sum(reader.bytes_read.get(d) == 0 for d in docs), "not_text": len(bad),
+                    "links": found.links_skipped},
         "fingerprint": hashlib.sha256((splits["train"]["sha256"] + splits["val"]["sha256"]).encode()).hexdigest()[:16],
         "prepared": {"seconds": round(seconds, 3), "workers": workers, "bytes": sum(reader.bytes_read.values())},
     }
@@ -381,13 +393,29 @@ def _report(folder: str, meta: dict, total_bytes: int, out: Any) -> None:
     tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
     seconds = max(prepared["seconds"], 1e-9)
     skipped = meta["skipped"]["empty"] + meta["skipped"]["not_text"]
-    print(f"Prepared {folder}: {len(files['path']):,} files ({skipped} skipped), {total_bytes / 1e6:,.2f} MB -> "
+    links = meta["skipped"]["links"]
+    links = f", {links} links skipped that lead back into the folder or to a file taken already" if links else ""
+    print(f"Prepared {folder}: {len(files['path']):,} files ({skipped} skipped{links}), {total_bytes / 1e6:,.2f} MB -> "
           f"{meta['train']['tokens']:,} training + {meta['val']['tokens']:,} validation tokens (split by "
           f"{meta['split']}) in {seconds:.1f} s: {total_bytes / 1e6 / seconds:.2f} MB/s, {tokens / seconds:,.0f} "
           f"tokens/s on {prepared['workers']} workers", file=out)
     bad = [f"{p} ({n})" for p, n in zip(files["path"], files["note"], strict=True) if n and n != "empty"]
     if bad:
         print(f"Skipped {len(bad)} files that are not text: {corpus.describe(bad)}", file=sys.stderr)
+    _report_shares(meta)
+
+
+def _report_shares(meta: dict) -> None:
+    """One line when the validation share of the tokens is far from what data.train_ratio asks (a split by whole
+    files, of a folder of few or unevenly sized files)."""
+    tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
+    asked = 1 - meta["source"]["train_ratio"]
+    if meta["split"] != "files" or not tokens or abs(meta["val"]["tokens"] / tokens - asked) <= SHARE_TOLERANCE:
+        return
+    print(f"Note: validation holds {meta['val']['tokens'] / tokens:.0%} of the tokens and training "
+          f"{meta['train']['tokens'] / tokens:.0%}, where --config.data.train_ratio={meta['source']['train_ratio']} "
+          f"asks for {asked:.0%} validation: whole files go to one split, and these are few or of unequal size; "
+          f"--config.data.split=tails takes the last {asked:.0%} of every document's tokens instead", file=sys.stderr)
 
 
 def ready_corpus(spec: Spec | None, status: corpus.Status, workers: int) -> corpus.Corpus:
