@@ -88,7 +88,8 @@ def test_a_folder_is_each_documents_tokens_then_end_of_text(books, tmp_path, mon
         expected[split] += ordinary(path.read_text()) + EOT
     assert expected["val"] and expected["train"]  # the hash split gives both splits files here
     assert prepared(status.folder) == expected
-    assert meta["split"] == "files" and meta["skipped"] == {"empty": 1, "not_text": 0, "links": 0}
+    assert meta["split"] == "files"
+    assert meta["skipped"] == {"empty": 1, "not_text": 0, "links": 0, "after_max_tokens": 0}
     assert meta["train"]["documents"] + meta["val"]["documents"] == len(files)
     assert meta["files"]["path"][0] == "a/book1.txt" and "notes.md" not in meta["files"]["path"]
     assert corpus.check(d, "unused")[1].ready
@@ -167,7 +168,7 @@ def test_binary_and_non_utf8_files_in_a_folder_are_skipped_and_named(books, tmp_
     err = capsys.readouterr().err
     assert "Skipped 2 files that are not text: image.txt (binary, with NUL bytes), latin1.txt (not UTF-8 at " \
            "byte 3)" in err
-    assert meta["skipped"] == {"empty": 1, "not_text": 2, "links": 0}
+    assert meta["skipped"] == {"empty": 1, "not_text": 2, "links": 0, "after_max_tokens": 0}
     assert "latin1.txt" in meta["files"]["path"]  # recorded: fixing it makes the folder stale
     (books / "latin1.txt").write_text("café au lait")
     assert corpus.check(data_config(books, tmp_path), "unused")[1].stale == ["latin1.txt changed"]
@@ -310,6 +311,7 @@ def test_a_split_far_from_the_ratio_is_said_in_one_line(tmp_path, capsys):
                                                       if line.startswith("Note: ")]
 
 
+@pytest.mark.filterwarnings("ignore:os.fork")  # the child runs no JAX: it prepares and exits
 def test_an_unreadable_source_file_is_named(tmp_path):
     """Root reads a file of mode 000: as root, the preparation runs in a child process that has become nobody."""
     shared = Path(tempfile.mkdtemp(prefix="unreadable-", dir="/tmp"))  # a path that every user may enter
