@@ -16,6 +16,7 @@ added or removed file makes the folder stale. The writing side is `mygpt_jax.pre
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import glob as globlib
@@ -29,6 +30,7 @@ import numpy as np
 
 from mygpt_jax.data import default_text_path
 from mygpt_jax.errors import UserError
+from mygpt_jax.records import record_format
 from mygpt_jax.tokenizer import SHA256 as TOKENIZER_FILES, get_tokenizer
 
 FORMAT_VERSION = 2  # 2: each real file once (format 1 took files again through folder links)
@@ -190,9 +192,9 @@ def find_sources(spec: Spec) -> Found:
     if spec.kind == "file":
         candidates, links = [(os.path.basename(spec.path), os.path.realpath(spec.path))], 0
     else:
-        candidates, links = _walk(root)
+        walked, links = _walk(root)
         pattern = glob_regex(spec.glob if spec.kind == "folder" else os.path.relpath(spec.path, root))
-        candidates = [(rel, real) for rel, real in candidates if pattern.match(rel.replace(os.sep, "/"))]
+        candidates = [(rel, real) for rel, real in walked if pattern.match(rel.replace(os.sep, "/"))]
     sources, taken = [], set()
     for rel, real in sorted(candidates):
         if not os.path.isfile(real) or any(fnmatch.fnmatchcase(rel, p) for p in spec.exclude):
@@ -207,9 +209,20 @@ def find_sources(spec: Spec) -> Found:
         what = (f"the glob {spec.path}" if spec.kind == "glob" else
                 f"the folder {spec.path} has no file matching --config.data.glob={spec.glob!r}")
         left_out = f" once --config.data.exclude={','.join(spec.exclude)!r} is applied" if spec.exclude else ""
+        hint = (spec.kind == "folder" and _records_hint(walked)) or "check --config.data.glob and data.exclude"
         raise UserError(f"{what} matches no file{left_out}; check --config.data.path, data.glob and data.exclude"
-                        if spec.kind == "glob" else f"{what}{left_out}; check --config.data.glob and data.exclude")
+                        if spec.kind == "glob" else f"{what}{left_out}; {hint}")
     return Found(sources, links)
+
+
+def _records_hint(walked: list[tuple[str, str]]) -> str:
+    """What to set for a folder of record files (a dataset downloaded from the Hub) that the glob left out."""
+    formats = collections.Counter(record_format(rel) for rel, _ in walked)
+    formats.pop(None, None)
+    if not formats:
+        return ""
+    fmt, count = formats.most_common(1)[0]
+    return f"it has {count} .{fmt} files: set --config.data.glob='**/*.{fmt}'"
 
 
 def file_sha256(path: str) -> str:

@@ -19,6 +19,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -48,7 +49,7 @@ class BadRecord(Exception):
 
 def record_share(rel: str, index: int) -> float:
     """Where a record's (relative path, index) hashes to in [0, 1): above train_ratio, it is validation."""
-    key = f"{rel.replace(chr(92), '/')}#{index}"
+    key = f"{rel.replace(os.sep, '/')}#{index}"
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2 ** 32
 
 

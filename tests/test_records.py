@@ -228,3 +228,14 @@ def test_token_counts_match_numpy_of_the_files(shards, tmp_path):
     for split in corpus.SPLITS:
         ids = np.fromfile(os.path.join(folder, f"{split}.bin"), np.uint16)
         assert meta[split]["tokens"] == len(ids) and meta[split]["documents"] == int((ids == EOT).sum())
+
+
+def test_a_folder_of_records_left_out_by_the_glob_says_which_glob_takes_them(tmp_path):
+    root = tmp_path / "hub" / "sample" / "10BT"
+    root.mkdir(parents=True)
+    for i in range(3):
+        write_parquet(root / f"00{i}_00000.parquet", texts(i, 10))
+    with pytest.raises(UserError, match=r"it has 3 \.parquet files: set --config\.data\.glob='\*\*/\*\.parquet'"):
+        corpus.find_sources(corpus.spec_from_config(data_config(tmp_path / "hub", tmp_path)))
+    spec, folder = _spec_folder(data_config(tmp_path / "hub", tmp_path, glob="**/*.parquet"))
+    assert prepare.prepare(spec, folder, 1)["records"]["documents"] == 24
