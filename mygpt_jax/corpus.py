@@ -153,13 +153,16 @@ def glob_regex(pattern: str) -> re.Pattern:
     return re.compile(regex + r"\Z", re.S)
 
 
-def _walk(root: str) -> tuple[list[tuple[str, str]], int]:
-    """(relative path, real path) of every file below `root`, hidden names left out as glob leaves them out,
-    and the number of folder links skipped: those that lead back into the tree or to a folder already walked
-    (loops), which would take the same files again."""
+def _walk(root: str, pattern: str) -> tuple[list[tuple[str, str]], int]:
+    """(relative path, real path) of every file below `root` that `pattern` may match (no deeper than its folders
+    unless it has `**`), hidden names left out as glob leaves them out, and the number of folder links skipped:
+    those that lead back into the tree or to a folder already walked (loops), which would take files again."""
     tree = os.path.realpath(root)
     walked, links, found = {tree}, 0, []
+    depth = None if "**" in pattern else pattern.replace(os.sep, "/").count("/")
     for folder, dirs, files in os.walk(root, followlinks=True):
+        if depth is not None and os.path.relpath(folder, root).count(os.sep) + (folder != root) >= depth:
+            dirs[:] = []  # the pattern matches no file deeper than this
         kept = []
         for name in sorted(dirs):
             path = os.path.join(folder, name)
@@ -192,8 +195,9 @@ def find_sources(spec: Spec) -> Found:
     if spec.kind == "file":
         candidates, links = [(os.path.basename(spec.path), os.path.realpath(spec.path))], 0
     else:
-        walked, links = _walk(root)
-        pattern = glob_regex(spec.glob if spec.kind == "folder" else os.path.relpath(spec.path, root))
+        relative = spec.glob if spec.kind == "folder" else os.path.relpath(spec.path, root)
+        walked, links = _walk(root, relative)
+        pattern = glob_regex(relative)
         candidates = [(rel, real) for rel, real in walked if pattern.match(rel.replace(os.sep, "/"))]
     sources, taken = [], set()
     for rel, real in sorted(candidates):

@@ -427,7 +427,8 @@ def _prepare_into(spec: Spec, found: corpus.Found, tmp: str, workers: int, progr
     files = {split: _TokenFile(os.path.join(tmp, f"{split}.bin")) for split in SPLITS}
     reader = _Reader(spec, sources)
     total_bytes = sum(s.size for s in sources)
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {os.path.basename(tmp)}",
+    name = os.path.basename(tmp).rsplit(".tmp-", 1)[0]
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {name}",
               disable=None if progress is None else not progress, file=sys.stderr) as bar:
         writer = _Writer(reader, files, not single_text, spec.max_tokens, bar)
         _write_tokens(writer, workers, total_bytes >= PROCESSES_FROM_BYTES)
