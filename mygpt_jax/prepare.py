@@ -430,7 +430,8 @@ def _prepare_into(spec: Spec, found: corpus.Found, tmp: str, workers: int, progr
     name = os.path.basename(tmp).rsplit(".tmp-", 1)[0]
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {name}",
               disable=None if progress is None else not progress, file=sys.stderr) as bar:
-        writer = _Writer(reader, files, not single_text, spec.max_tokens, bar)
+        # A single text file is one document, never cut: data.max_tokens takes it whole.
+        writer = _Writer(reader, files, not single_text, 0 if single_text else spec.max_tokens, bar)
         _write_tokens(writer, workers, total_bytes >= PROCESSES_FROM_BYTES)
     for f in files.values():
         f.close()
