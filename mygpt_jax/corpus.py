@@ -39,6 +39,7 @@ META = "meta.json"
 SPLITS = ("train", "val")
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit
 HASH_BLOCK = 1 << 24
+DEFAULT_GLOB = "**/*.txt"  # data.glob's default: a folder without such files takes its record files instead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +200,9 @@ def find_sources(spec: Spec) -> Found:
         walked, links = _walk(root, relative)
         pattern = glob_regex(relative)
         candidates = [(rel, real) for rel, real in walked if pattern.match(rel.replace(os.sep, "/"))]
+        if not candidates and spec.kind == "folder" and spec.glob == DEFAULT_GLOB:
+            # A folder of record files only (a dataset downloaded from the Hub) works as it is.
+            candidates = [(rel, real) for rel, real in walked if record_format(rel)]
     sources, taken = [], set()
     for rel, real in sorted(candidates):
         if not os.path.isfile(real) or any(fnmatch.fnmatchcase(rel, p) for p in spec.exclude):

@@ -230,12 +230,19 @@ def test_token_counts_match_numpy_of_the_files(shards, tmp_path):
         assert meta[split]["tokens"] == len(ids) and meta[split]["documents"] == int((ids == EOT).sum())
 
 
-def test_a_folder_of_records_left_out_by_the_glob_says_which_glob_takes_them(tmp_path):
+def test_a_folder_of_record_files_works_as_it_is(tmp_path):
+    """As a dataset downloaded from the Hub: shards below the folder, a hidden .cache/ beside them."""
     root = tmp_path / "hub" / "sample" / "10BT"
     root.mkdir(parents=True)
     for i in range(3):
         write_parquet(root / f"00{i}_00000.parquet", texts(i, 10))
+    (tmp_path / "hub" / ".cache").mkdir()
+    write_jsonl(tmp_path / "hub" / ".cache" / "hidden.jsonl", texts(9, 10))
+    (tmp_path / "hub" / "README.md").write_text("a dataset card")
+    spec, folder = _spec_folder(data_config(tmp_path / "hub", tmp_path))  # the default glob, **/*.txt
+    meta = prepare.prepare(spec, folder, 1)
+    assert meta["files"]["path"] == [f"sample/10BT/00{i}_00000.parquet" for i in range(3)]
+    assert meta["records"]["documents"] == 24
+    # A glob that takes none of them says which one would.
     with pytest.raises(UserError, match=r"it has 3 \.parquet files: set --config\.data\.glob='\*\*/\*\.parquet'"):
-        corpus.find_sources(corpus.spec_from_config(data_config(tmp_path / "hub", tmp_path)))
-    spec, folder = _spec_folder(data_config(tmp_path / "hub", tmp_path, glob="**/*.parquet"))
-    assert prepare.prepare(spec, folder, 1)["records"]["documents"] == 24
+        corpus.find_sources(corpus.spec_from_config(data_config(tmp_path / "hub", tmp_path, glob="**/*.csv")))
