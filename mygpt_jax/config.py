@@ -87,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     # What to train on: "" = the bundled "The Verdict"; a text file; a folder (every data.glob file below it); a
-    # glob ("books/*.txt"); or a folder prepared before (train.bin, val.bin, meta.json). Tokenized once into
+    # glob ("books/*.txt"); record files (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet: one record one document,
+    # docs/corpora.md); or a folder prepared before (train.bin, val.bin, meta.json). Tokenized once into
     # <data.cache_dir>/<name>-<hash>/ (python -m mygpt_jax.prepare, or the first training).
     d.path = ""
     d.glob = "**/*.txt"  # the files of a folder, relative to it ("**/" recurses)
