@@ -1,8 +1,8 @@
 """Prepared corpora: where a corpus's token files live, what their meta.json says, whether they are stale.
 
-A corpus is `data.path`: one text file, a folder (every `data.glob` file below it, minus `data.exclude`), a
-glob, or an already prepared folder. `python -m mygpt_jax.prepare` (or `train`, on first use) tokenizes it
-into `<data.cache_dir or checkpoint_dir/data>/<name>-<hash>/`:
+A corpus is `data.path`: one text or record file, a folder (every `data.glob` file below it, minus
+`data.exclude`, each real file once), a glob, or an already prepared folder. `python -m mygpt_jax.prepare`
+(or `train`, on first use) tokenizes it into `<data.cache_dir or checkpoint_dir/data>/<name>-<hash>/`:
 
     train.bin, val.bin   GPT-2 token ids as uint16, read through memory maps
     meta.json            the sources (path, size, mtime, sha256, split, tokens), the tokenizer, the split rule,

@@ -13,7 +13,9 @@ of the range, so adding a file never moves another. When that leaves either spli
 at GPT-2's longest context, each document is split instead: its first train_ratio of tokens to training, the
 rest to validation. A single text file is split by characters at train_ratio, as the seed split its text,
 with no <|endoftext|>. Empty files are skipped; so, in a folder, are binary and non-UTF-8 files (named in
-one line; a single file that is not UTF-8 stops with one line).
+one line; a single file that is not UTF-8 stops with one line). Record files (JSON Lines, JSON, Parquet:
+`mygpt_jax.records`) give one document per record, split by the hash of (path, index); `data.split=tails` splits
+every document's tokens instead, and `data.max_tokens` stops after the document that reaches that many tokens.
 
 Everything is written into `<folder>.tmp-<pid>` and renamed into place after meta.json, so an interrupted
 or failed preparation never leaves a folder that is taken as complete.
