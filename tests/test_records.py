@@ -246,3 +246,17 @@ def test_a_folder_of_record_files_works_as_it_is(tmp_path):
     # A glob that takes none of them says which one would.
     with pytest.raises(UserError, match=r"it has 3 \.parquet files: set --config\.data\.glob='\*\*/\*\.parquet'"):
         corpus.find_sources(corpus.spec_from_config(data_config(tmp_path / "hub", tmp_path, glob="**/*.csv")))
+
+
+def test_the_tails_split_divides_every_record(shards, tmp_path):
+    root, records = shards
+    spec, folder = _spec_folder(data_config(root, tmp_path, glob="**/*", split="tails"))
+    meta = prepare.prepare(spec, folder, 2)
+    expected = {"train": [], "val": []}
+    for rel in sorted(records):
+        for text in filter(None, records[rel]):
+            ids = ordinary(text)
+            cut = int(0.9 * len(ids))
+            expected["train"] += [*ids[:cut], EOT] if cut else []
+            expected["val"] += [*ids[cut:], EOT]
+    assert meta["split"] == "document tails" and prepared(folder) == expected
