@@ -71,7 +71,7 @@ class _Chunk:
 
 def validation_share(rel: str) -> float:
     """Where a file's relative path hashes to in [0, 1): above train_ratio, the file is validation."""
-    return int(hashlib.sha256(rel.replace(os.sep, "/").encode()).hexdigest()[:8], 16) / 2 ** 32
+    return records.hash_share(rel.replace(os.sep, "/"))
 
 
 def _char_offset(path: str, chars: int) -> int:

@@ -47,10 +47,14 @@ class BadRecord(Exception):
     """Input a record file should not have: the message names the line, record or row group."""
 
 
-def record_share(rel: str, index: int) -> float:
-    """Where a record's (relative path, index) hashes to in [0, 1): above train_ratio, it is validation."""
-    key = f"{rel.replace(os.sep, '/')}#{index}"
+def hash_share(key: str) -> float:
+    """Where a key hashes to in [0, 1), the same on every machine: above train_ratio, its document validates."""
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2 ** 32
+
+
+def record_share(rel: str, index: int) -> float:
+    """Where a record's (relative path, index) hashes to in [0, 1)."""
+    return hash_share(f"{rel.replace(os.sep, '/')}#{index}")
 
 
 @dataclasses.dataclass
