@@ -51,6 +51,7 @@ from mygpt_jax.tokenizer import END_OF_TEXT_ID
 
 CHUNK_BYTES = 1 << 20  # what one worker tokenizes at a time
 PROCESSES_FROM_BYTES = 64 << 20  # corpora this large are tokenized by processes, smaller ones by threads
+COMPRESSED_TEXT = 3  # bytes of text per byte of a Parquet or compressed JSON Lines file, to choose between them
 MIN_SPLIT_TOKENS = 1025  # one window at GPT-2's context of 1024: less in a split and documents are split instead
 COPY_TOKENS = 1 << 24
 RECORDS_PER_CHUNK = 256  # of a JSON array, for one worker at a time
@@ -435,12 +436,15 @@ def _prepare_into(spec: Spec, found: corpus.Found, tmp: str, workers: int, progr
     files = {split: _TokenFile(os.path.join(tmp, f"{split}.bin")) for split in SPLITS}
     reader = _Reader(spec, sources)
     total_bytes = sum(s.size for s in sources)
+    # Parquet and compressed lines hold several times their size in text: they count so for processes or threads.
+    text_bytes = sum(s.size * (1 if f in ("text", "jsonl", "json") else COMPRESSED_TEXT) for s, f in zip(
+        sources, formats, strict=True))
     name = os.path.basename(tmp).rsplit(".tmp-", 1)[0]
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {name}",
               disable=None if progress is None else not progress, file=sys.stderr) as bar:
         # A single text file is one document, never cut: data.max_tokens takes it whole.
         writer = _Writer(reader, files, not single_text, 0 if single_text else spec.max_tokens, bar)
-        _write_tokens(writer, workers, total_bytes >= PROCESSES_FROM_BYTES)
+        _write_tokens(writer, workers, text_bytes >= PROCESSES_FROM_BYTES)
     for f in files.values():
         f.close()
     if single_text and writer.bad:
