@@ -260,3 +260,16 @@ def test_the_tails_split_divides_every_record(shards, tmp_path):
             expected["train"] += [*ids[:cut], EOT] if cut else []
             expected["val"] += [*ids[cut:], EOT]
     assert meta["split"] == "document tails" and prepared(folder) == expected
+
+
+@pytest.mark.parametrize("key, value, what", [("split", "halves", "use auto or tails"),
+                                              ("text_field", "", "must name the field"),
+                                              ("max_tokens", -1, "must be >= 0")])
+def test_the_corpus_keys_are_validated(key, value, what):
+    from configs.tiny import get_config
+    from mygpt_jax.config import validate
+
+    config = get_config()
+    config.data[key] = value
+    with pytest.raises(UserError, match=f"--config.data.{key}=.* is invalid: {what}"):
+        validate(config)
