@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -363,3 +364,11 @@ def _as_unprivileged(fn, home: Path) -> str:
         message = f.read().decode()
     os.waitpid(pid, 0)
     return message
+
+
+def test_folders_prepared_before_the_record_keys_keep_their_names(books, tmp_path):
+    """So that a folder of format 1 is found, and reported stale with its reason, rather than left behind."""
+    spec = corpus.spec_from_config(data_config(books, tmp_path))
+    before = json.dumps([spec.path, spec.kind, spec.glob, list(spec.exclude), spec.train_ratio])
+    assert spec.key() == hashlib.sha256(before.encode()).hexdigest()[:10]
+    assert corpus.spec_from_config(data_config(books, tmp_path, text_field="body")).key() != spec.key()
