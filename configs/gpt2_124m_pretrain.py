@@ -7,7 +7,8 @@ For a GPU (or several): context 1024, bfloat16 compute, ~0.5M tokens per step (4
 micro-batches of 12), AdamW 6e-4 with betas (0.9, 0.95), weight decay 0.1 on matrices only, 2,000 warmup steps
 then a cosine decay to 6e-5 at step 600,000, global-norm clipping at 1.0, windows at random offsets of the
 prepared corpus, no dropout. data.path is yours to set: a folder of text files (--config.data.glob for other
-extensions), one big text file, or a folder prepared before (train.bin, val.bin, meta.json).
+extensions), one big text file, JSON Lines or Parquet shards as downloaded (FineWeb-Edu's sample:
+--config.data.path=fineweb-edu, docs/corpora.md), or a folder prepared before.
 
 On a CPU, to try it: --config.model.dtype=float32 (a CPU without bf16 units converts bf16 to float32 for every
 product), --config.train.batch_size=8 --config.train.grad_accum_steps=1 (8 windows a step instead of 480),

@@ -2,7 +2,9 @@
 what the data costs training, on corpora generated from the standard library's sources and "The Verdict".
 
 prepare    for each of --prepare_mb (a folder of 1 MB documents), `python -m mygpt_jax.prepare` in a process of
-           its own: MB/s, tokens/s, peak memory (its maximum resident set). The yardstick is tiktoken's
+           its own: MB/s, tokens/s, peak memory (its maximum resident set); then the same text as records of
+           about 4 KB in JSON Lines shards and in Parquet shards, each against the text files (the goal: at least
+           0.9 of their tokens/s). The yardstick is tiktoken's
            single-thread rate on a 16 MB sample, in pieces as preparing reads them, measured in the same run:
            the goal is at least
            0.8 x cores x that rate, and peak memory that grows by less than 10% from the smallest corpus to the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -37,6 +40,9 @@ from mygpt_jax.model import GPT, ModelConfig, init_params
 from mygpt_jax.prepare import CHUNK_BYTES, default_workers
 
 DOCUMENT_BYTES = 1 << 20
+RECORD_CHARS = 4096  # a record of the JSON Lines and Parquet corpora: about a web page's text
+DOCUMENTS_PER_SHARD = 64  # of 1 MB: a JSON Lines or Parquet shard of 64 MB of text
+FORMATS = ("txt", "jsonl", "parquet")
 
 
 def _progress(message: str) -> None:
@@ -65,15 +71,34 @@ def sample_text(megabytes: float, seed: int = 0) -> str:
     return "".join(out)
 
 
-def write_corpus(folder: str, megabytes: int, seed: int) -> None:
-    """A folder of `megabytes` documents of about 1 MB each."""
+def write_corpus(folder: str, megabytes: int, seed: int, fmt: str = "txt") -> None:
+    """`megabytes` documents of about 1 MB each: one .txt file each, or (the same text) as records of
+    RECORD_CHARS characters in .jsonl or .parquet shards of DOCUMENTS_PER_SHARD documents."""
     os.makedirs(folder, exist_ok=True)
     text = sample_text(16, seed)
     rng = random.Random(seed)
+    documents = []
     for i in range(megabytes):
         start = rng.randrange(len(text) - DOCUMENT_BYTES)
-        with open(os.path.join(folder, f"doc{i:05d}.txt"), "w") as f:
-            f.write(text[start:start + DOCUMENT_BYTES])
+        documents.append(text[start:start + DOCUMENT_BYTES])
+        if fmt == "txt":
+            with open(os.path.join(folder, f"doc{i:05d}.txt"), "w") as f:
+                f.write(documents.pop())
+        elif len(documents) == DOCUMENTS_PER_SHARD or i == megabytes - 1:
+            records = [d[j:j + RECORD_CHARS] for d in documents for j in range(0, len(d), RECORD_CHARS)]
+            _write_shard(os.path.join(folder, f"shard{i // DOCUMENTS_PER_SHARD:04d}.{fmt}"), records)
+            documents = []
+
+
+def _write_shard(path: str, records: list[str]) -> None:
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": records}), path, row_group_size=1024)
+        return
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": r}) + "\n" for r in records)
 
 
 def tokenizer_rate(text: str) -> tuple[float, float]:
@@ -99,26 +124,38 @@ def _run_measured(cmd: list[str]) -> tuple[int, float, str]:
 
 
 def bench_prepare(root: str, sizes: list[int], config_path: str) -> list[dict[str, Any]]:
+    """Each size's corpus prepared as text files, JSON Lines and Parquet, each in a process of its own."""
     results = []
     for megabytes in sizes:
-        folder = os.path.join(root, f"corpus{megabytes}")
-        _progress(f"writing a {megabytes} MB corpus, then preparing it in a process of its own")
-        write_corpus(folder, megabytes, seed=megabytes)
-        cache = os.path.join(root, "prepared")
-        status, rss, _ = _run_measured([sys.executable, "-m", "mygpt_jax.prepare", "--config", config_path,
-                                        f"--config.data.path={folder}", f"--config.data.cache_dir={cache}"])
-        if status:
-            raise RuntimeError(f"preparing {folder} failed with status {status}")
-        spec = corpus.spec_from_config(ml_collections.ConfigDict({"path": folder, "glob": "**/*.txt", "exclude": "",
-                                                                  "train_ratio": 0.9}))
-        prepared = os.path.join(cache, spec.name())
-        meta = corpus.read_meta(prepared)
-        seconds = meta["prepared"]["seconds"]
-        tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
-        results.append({"megabytes": megabytes, "folder": prepared, "seconds": seconds,
-                        "mb_per_s": meta["prepared"]["bytes"] / 1e6 / seconds, "tokens_per_s": tokens / seconds,
-                        "tokens": tokens, "workers": meta["prepared"]["workers"], "peak_rss_bytes": rss})
+        for fmt in FORMATS:
+            folder = os.path.join(root, f"corpus{megabytes}-{fmt}")
+            _progress(f"writing a {megabytes} MB corpus of .{fmt} files, then preparing it in a process of its own")
+            write_corpus(folder, megabytes, seed=megabytes, fmt=fmt)
+            cache = os.path.join(root, "prepared")
+            status, rss, _ = _run_measured([sys.executable, "-m", "mygpt_jax.prepare", "--config", config_path,
+                                            f"--config.data.path={folder}/*.{fmt}", f"--config.data.cache_dir={cache}"])
+            if status:
+                raise RuntimeError(f"preparing {folder} failed with status {status}")
+            data_keys = ml_collections.ConfigDict({"path": f"{folder}/*.{fmt}", "glob": "**/*.txt", "exclude": "",
+                                                   "train_ratio": 0.9, "text_field": "text", "max_tokens": 0,
+                                                   "split": "auto"})
+            prepared = os.path.join(cache, corpus.spec_from_config(data_keys).name())
+            shutil.rmtree(folder)  # the sources: not needed again
+            results.append(_prepared_figures(prepared, megabytes, fmt, rss))
+        text = results[-len(FORMATS)]
+        for r in results[-len(FORMATS):]:
+            r["tokens_per_s_over_txt"] = r["tokens_per_s"] / text["tokens_per_s"]
     return results
+
+
+def _prepared_figures(prepared: str, megabytes: int, fmt: str, rss: int) -> dict[str, Any]:
+    meta = corpus.read_meta(prepared)
+    seconds = meta["prepared"]["seconds"]
+    tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
+    return {"megabytes": megabytes, "format": fmt, "folder": prepared, "seconds": seconds,
+            "mb_per_s": megabytes * DOCUMENT_BYTES / 1e6 / seconds, "file_mb": meta["prepared"]["bytes"] / 1e6,
+            "tokens_per_s": tokens / seconds, "tokens": tokens, "workers": meta["prepared"]["workers"],
+            "peak_rss_bytes": rss}
 
 
 class _InMemory:
@@ -184,12 +221,13 @@ def run(config: ml_collections.ConfigDict, config_path: str, sizes: list[int], t
         rates = bench_training(config, prepared[0]["folder"], train_steps, rounds)
         _progress("start-up of the train command on the prepared corpus")
         startup_s = bench_startup(config_path, prepared[-1]["folder"], root)
+    text_rows = [p for p in prepared if p["format"] == "txt"]
     for p in prepared:
         p["fraction_of_cores_x_single_thread"] = p["tokens_per_s"] / (cores * tokens_per_s)
         del p["folder"]
     return {"device": f"cpu ({cores} cores)", "single_thread_mb_per_s": mb_per_s,
             "single_thread_tokens_per_s": tokens_per_s, "prepare": prepared,
-            "peak_rss_growth": prepared[-1]["peak_rss_bytes"] / prepared[0]["peak_rss_bytes"],
+            "peak_rss_growth": text_rows[-1]["peak_rss_bytes"] / text_rows[0]["peak_rss_bytes"],
             "train_tokens_per_s": rates,
             "memory_map_over_in_memory": float(np.median(rates["memory_map"]) / np.median(rates["in_memory"])),
             "startup_s": startup_s}
@@ -199,11 +237,12 @@ def report(r: dict[str, Any]) -> str:
     lines = [f"tokenizer, one thread: {r['single_thread_mb_per_s']:.2f} MB/s, "
              f"{r['single_thread_tokens_per_s']:,.0f} tokens/s ({r['device']})"]
     for p in r["prepare"]:
-        lines.append(f"prepare {p['megabytes']} MB ({p['tokens']:,} tokens) on {p['workers']} workers: "
-                     f"{p['seconds']:.1f} s, {p['mb_per_s']:.2f} MB/s, {p['tokens_per_s']:,.0f} tokens/s = "
-                     f"{p['fraction_of_cores_x_single_thread']:.2f} of cores x one thread; peak memory "
+        lines.append(f"prepare {p['megabytes']} MB of text as .{p['format']} ({p['file_mb']:,.0f} MB of files, "
+                     f"{p['tokens']:,} tokens) on {p['workers']} workers: {p['seconds']:.1f} s, {p['mb_per_s']:.2f} "
+                     f"MB/s of text, {p['tokens_per_s']:,.0f} tokens/s = {p['fraction_of_cores_x_single_thread']:.2f} "
+                     f"of cores x one thread, {p['tokens_per_s_over_txt']:.2f}x the .txt files'; peak memory "
                      f"{p['peak_rss_bytes'] / 1e6:,.0f} MB")
-    lines.append(f"peak memory, largest corpus over smallest: {r['peak_rss_growth']:.3f}x")
+    lines.append(f"peak memory of the .txt corpora, largest over smallest: {r['peak_rss_growth']:.3f}x")
     rates = r["train_tokens_per_s"]
     lines.append(f"train step from the memory map: {', '.join(f'{x:.0f}' for x in rates['memory_map'])} tokens/s; "
                  f"from memory: {', '.join(f'{x:.0f}' for x in rates['in_memory'])}; median ratio "

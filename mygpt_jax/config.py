@@ -103,7 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     # What to train on: "" = the bundled "The Verdict"; a text file; a folder (every data.glob file below it); a
-    # glob ("books/*.txt"); or a folder prepared before (train.bin, val.bin, meta.json). Tokenized once into
+    # glob ("books/*.txt"); record files (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet: one record one document,
+    # docs/corpora.md); or a folder prepared before (train.bin, val.bin, meta.json). Tokenized once into
     # <data.cache_dir>/<name>-<hash>/ (python -m mygpt_jax.prepare, or the first training).
     d.path = ""
     d.glob = "**/*.txt"  # the files of a folder, relative to it ("**/" recurses)
@@ -116,6 +117,14 @@ def base_config() -> ml_collections.ConfigDict:
     # drawn from (train.seed, step), for train.max_steps steps.
     d.sampling = "epochs"
     d.cache_dir = ""  # where prepared corpora go; "" = <checkpoint_dir>/data
+    # How a folder's documents are split: "auto" = each file (or record) to one split by the hash of its path (and
+    # index), each document's tail when that leaves a split shorter than one window; "tails" = the last
+    # (1 - train_ratio) of every document's tokens validates (shares exactly as asked, on a folder of few files).
+    d.split = "auto"
+    d.text_field = "text"  # the field of a record (.jsonl, .jsonl.gz, .jsonl.zst, .json, .parquet) that holds its text
+    # > 0: a prefix of the corpus, its documents in file order up to the one that reaches this many tokens
+    # ("the first 1B tokens of FineWeb-Edu": 1_000_000_000); part of the prepared folder's name and fingerprint.
+    d.max_tokens = 0
     d.workers = 0  # tokenizer threads when preparing; 0 = every core
     # Resume a run although its corpus changed since the checkpoint (else that stops with one line).
     d.allow_changes = False
@@ -253,6 +262,9 @@ def _validate_data(c: ml_collections.ConfigDict) -> None:
             "data.sampling=random trains for train.max_steps steps: set it > 0")
     require(c, d.workers >= 0, "data.workers", "must be >= 0 (0 = every core)")
     require(c, bool(d.glob), "data.glob", "must be a pattern such as **/*.txt")
+    require(c, d.split in ("auto", "tails"), "data.split", "use auto or tails")
+    require(c, bool(d.text_field), "data.text_field", "must name the field that holds a record's text, e.g. text")
+    require(c, d.max_tokens >= 0, "data.max_tokens", "must be >= 0 (0 = the whole corpus)")
 
 
 def _validate_train(c: ml_collections.ConfigDict) -> None:

@@ -1,8 +1,8 @@
 """Prepared corpora: where a corpus's token files live, what their meta.json says, whether they are stale.
 
-A corpus is `data.path`: one text file, a folder (every `data.glob` file below it, minus `data.exclude`), a
-glob, or an already prepared folder. `python -m mygpt_jax.prepare` (or `train`, on first use) tokenizes it
-into `<data.cache_dir or checkpoint_dir/data>/<name>-<hash>/`:
+A corpus is `data.path`: one text or record file, a folder (every `data.glob` file below it, minus
+`data.exclude`, each real file once), a glob, or an already prepared folder. `python -m mygpt_jax.prepare`
+(or `train`, on first use) tokenizes it into `<data.cache_dir or checkpoint_dir/data>/<name>-<hash>/`:
 
     train.bin, val.bin   GPT-2 token ids as uint16, read through memory maps
     meta.json            the sources (path, size, mtime, sha256, split, tokens), the tokenizer, the split rule,
@@ -16,6 +16,7 @@ added or removed file makes the folder stale. The writing side is `mygpt_jax.pre
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import glob as globlib
@@ -29,14 +30,16 @@ import numpy as np
 
 from mygpt_jax.data import default_text_path
 from mygpt_jax.errors import UserError
+from mygpt_jax.records import record_format
 from mygpt_jax.tokenizer import SHA256 as TOKENIZER_FILES, get_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each real file once (format 1 took files again through folder links)
 TOKENIZER = {"name": "gpt2", "encode": "encode_ordinary", **TOKENIZER_FILES}
 META = "meta.json"
 SPLITS = ("train", "val")
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit
 HASH_BLOCK = 1 << 24
+DEFAULT_GLOB = "**/*.txt"  # data.glob's default: a folder without such files takes its record files instead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,11 @@ class Spec:
     glob: str  # the files of a folder, relative to it
     exclude: tuple[str, ...]  # fnmatch patterns of relative paths left out
     train_ratio: float
+    text_field: str = "text"  # the field of a record (JSON Lines, JSON, Parquet) that holds its document
+    max_tokens: int = 0  # > 0: only the corpus's first documents, up to the one that reaches this many tokens
+    # "auto": by the hash of a file's path or a record's (path, index), each document's tail when that leaves a
+    # split shorter than one window; "tails": the last (1 - train_ratio) of every document's tokens validates.
+    split: str = "auto"
 
     @property
     def root(self) -> str:
@@ -61,7 +69,11 @@ class Spec:
     def key(self) -> str:
         """A short hash of everything that decides the token files' content (not the format: a folder
         written by another version of the project is found, and reported stale)."""
-        text = json.dumps([self.path, self.kind, self.glob, list(self.exclude), self.train_ratio])
+        decided = [self.path, self.kind, self.glob, list(self.exclude), self.train_ratio]
+        # The later keys only when they are not their defaults, so folders prepared before them keep their names.
+        later = {k: v for k, v in (("text_field", self.text_field), ("max_tokens", self.max_tokens),
+                                   ("split", self.split)) if v != Spec.__dataclass_fields__[k].default}
+        text = json.dumps(decided + ([later] if later else []))
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def name(self) -> str:
@@ -105,32 +117,120 @@ def spec_from_config(data: Any) -> Spec:
     else:
         raise UserError(f"data path {path} does not exist; point --config.data.path at a text file, a folder of "
                         "text files, a glob or a prepared folder")
-    return Spec(path, kind, data.glob, exclude, float(data.train_ratio))
+    return Spec(path, kind, data.glob, exclude, float(data.train_ratio), data.text_field, int(data.max_tokens),
+                data.split)
 
 
-def find_sources(spec: Spec) -> list[Source]:
-    """Every file of the corpus, sorted by relative path; no file at all is a UserError."""
-    if spec.kind == "file":
-        paths = [spec.path]
-    elif spec.kind == "folder":
-        paths = globlib.glob(os.path.join(globlib.escape(spec.path), spec.glob), recursive=True)
-    else:
-        paths = globlib.glob(spec.path, recursive=True)
+def _name_regex(part: str) -> str:
+    """The regex of one glob path component: `*` and `?` never cross a folder, `[...]` as fnmatch's."""
+    out, i = [], 0
+    while i < len(part):
+        c = part[i]
+        close = part.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif close > 0:
+            body = part[i + 1:close].replace("\\", "\\\\")
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = close
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A relative glob pattern as a regex over '/'-separated relative paths; `**` spans any number of folders."""
+    parts = pattern.replace(os.sep, "/").split("/")
+    regex = ""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            regex += ".*" if last else "(?:[^/]+/)*"
+        else:
+            regex += _name_regex(part) + ("" if last else "/")
+    return re.compile(regex + r"\Z", re.S)
+
+
+def _walk(root: str, pattern: str) -> tuple[list[tuple[str, str]], int]:
+    """(relative path, real path) of every file below `root` that `pattern` may match (no deeper than its folders
+    unless it has `**`), hidden names left out as glob leaves them out, and the number of folder links skipped:
+    those that lead back into the tree or to a folder already walked (loops), which would take files again."""
+    tree = os.path.realpath(root)
+    walked, links, found = {tree}, 0, []
+    depth = None if "**" in pattern else pattern.replace(os.sep, "/").count("/")
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        if depth is not None and os.path.relpath(folder, root).count(os.sep) + (folder != root) >= depth:
+            dirs[:] = []  # the pattern matches no file deeper than this
+        kept = []
+        for name in sorted(dirs):
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if name.startswith("."):
+                continue
+            inside = real.startswith(tree + os.sep) or (tree + os.sep).startswith(real + os.sep)  # or an ancestor
+            if os.path.islink(path) and (real in walked or inside):
+                links += 1
+                continue
+            walked.add(real)
+            kept.append(name)
+        dirs[:] = kept
+        found += [(os.path.relpath(os.path.join(folder, f), root), os.path.realpath(os.path.join(folder, f)))
+                  for f in files if not f.startswith(".")]
+    return found, links
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """The files of a corpus and what was left out on the way."""
+
+    sources: list[Source]
+    links_skipped: int  # folder links back into the tree or in a loop, and second names of one real file
+
+
+def find_sources(spec: Spec) -> Found:
+    """Every file of the corpus once (by its real path), sorted by relative path; no file is a UserError."""
     root = spec.root
-    sources = []
-    for path in paths:
-        rel = os.path.relpath(path, root)
-        if not os.path.isfile(path) or any(fnmatch.fnmatchcase(rel, pattern) for pattern in spec.exclude):
+    if spec.kind == "file":
+        candidates, links = [(os.path.basename(spec.path), os.path.realpath(spec.path))], 0
+    else:
+        relative = spec.glob if spec.kind == "folder" else os.path.relpath(spec.path, root)
+        walked, links = _walk(root, relative)
+        pattern = glob_regex(relative)
+        candidates = [(rel, real) for rel, real in walked if pattern.match(rel.replace(os.sep, "/"))]
+        if not candidates and spec.kind == "folder" and spec.glob == DEFAULT_GLOB:
+            # A folder of record files only (a dataset downloaded from the Hub) works as it is.
+            candidates = [(rel, real) for rel, real in walked if record_format(rel)]
+    sources, taken = [], set()
+    for rel, real in sorted(candidates):
+        if not os.path.isfile(real) or any(fnmatch.fnmatchcase(rel, p) for p in spec.exclude):
             continue
-        stat = os.stat(path)
+        if real in taken:  # a second name (a file link) of a file already taken
+            links += 1
+            continue
+        taken.add(real)
+        stat = os.stat(real)
         sources.append(Source(rel, stat.st_size, stat.st_mtime_ns))
     if not sources:
         what = (f"the glob {spec.path}" if spec.kind == "glob" else
                 f"the folder {spec.path} has no file matching --config.data.glob={spec.glob!r}")
         left_out = f" once --config.data.exclude={','.join(spec.exclude)!r} is applied" if spec.exclude else ""
+        hint = (spec.kind == "folder" and _records_hint(walked)) or "check --config.data.glob and data.exclude"
         raise UserError(f"{what} matches no file{left_out}; check --config.data.path, data.glob and data.exclude"
-                        if spec.kind == "glob" else f"{what}{left_out}; check --config.data.glob and data.exclude")
-    return sorted(sources, key=lambda s: s.rel)
+                        if spec.kind == "glob" else f"{what}{left_out}; {hint}")
+    return Found(sources, links)
+
+
+def _records_hint(walked: list[tuple[str, str]]) -> str:
+    """What to set for a folder of record files (a dataset downloaded from the Hub) that the glob left out."""
+    formats = collections.Counter(record_format(rel) for rel, _ in walked)
+    formats.pop(None, None)
+    if not formats:
+        return ""
+    fmt, count = formats.most_common(1)[0]
+    return f"it has {count} .{fmt} files: set --config.data.glob='**/*.{fmt}'"
 
 
 def file_sha256(path: str) -> str:
@@ -139,6 +239,19 @@ def file_sha256(path: str) -> str:
         while block := f.read(HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def unreadable(path: str, e: OSError) -> UserError:
+    return UserError(f"cannot read the corpus file {path} ({e.strerror or e}); make it readable, or leave it out "
+                     "with --config.data.exclude")
+
+
+def readable_sha256(path: str) -> str:
+    """A source file's sha256; a file that cannot be read is a UserError naming it."""
+    try:
+        return file_sha256(path)
+    except OSError as e:
+        raise unreadable(path, e) from e
 
 
 def read_meta(folder: str) -> dict | None:
@@ -155,6 +268,9 @@ def read_meta(folder: str) -> dict | None:
 
 def incompatibility(meta: dict) -> str | None:
     """Why this project cannot read a prepared folder with this meta (another format or tokenizer), or None."""
+    if meta.get("format") == 1:
+        return ("it was prepared in format 1, which could take a file more than once through a folder link; this "
+                f"version reads format {FORMAT_VERSION}")
     if meta.get("format") != FORMAT_VERSION:
         return f"it was prepared in format {meta.get('format')!r}, and this version reads format {FORMAT_VERSION}"
     if meta.get("tokenizer") != TOKENIZER:
@@ -167,14 +283,14 @@ def changes(spec: Spec, meta: dict) -> list[str]:
     (path, size, mtime) compared for every file, the content hashed only where size or mtime moved."""
     recorded = {rel: (size, mtime, sha) for rel, size, mtime, sha in
                 zip(*(meta["files"][k] for k in ("path", "size", "mtime_ns", "sha256")), strict=True)}
-    now = {s.rel: s for s in find_sources(spec)}
+    now = {s.rel: s for s in find_sources(spec).sources}
     found = [f"{rel} added" for rel in sorted(now.keys() - recorded.keys())]
     found += [f"{rel} removed" for rel in sorted(recorded.keys() - now.keys())]
     for rel in sorted(now.keys() & recorded.keys()):
         size, mtime, sha = recorded[rel]
         source = now[rel]
         if (source.size, source.mtime_ns) != (size, mtime) and (
-                source.size != size or file_sha256(os.path.join(spec.root, rel)) != sha):
+                source.size != size or readable_sha256(os.path.join(spec.root, rel)) != sha):
             found.append(f"{rel} changed")
     return found
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pytest
 
 from configs.tiny import get_config
 from mygpt_jax import corpus, prepare
+from mygpt_jax.errors import UserError
 from mygpt_jax.tokenizer import END_OF_TEXT_ID, get_tokenizer
 from tests.utils import after_the_device_line, in_small_filesystem, popen_cli, run_cli, words
 
@@ -85,7 +89,8 @@ def test_a_folder_is_each_documents_tokens_then_end_of_text(books, tmp_path, mon
         expected[split] += ordinary(path.read_text()) + EOT
     assert expected["val"] and expected["train"]  # the hash split gives both splits files here
     assert prepared(status.folder) == expected
-    assert meta["split"] == "files" and meta["skipped"] == {"empty": 1, "not_text": 0}
+    assert meta["split"] == "files"
+    assert meta["skipped"] == {"empty": 1, "not_text": 0, "links": 0, "after_max_tokens": 0}
     assert meta["train"]["documents"] + meta["val"]["documents"] == len(files)
     assert meta["files"]["path"][0] == "a/book1.txt" and "notes.md" not in meta["files"]["path"]
     assert corpus.check(d, "unused")[1].ready
@@ -164,7 +169,7 @@ def test_binary_and_non_utf8_files_in_a_folder_are_skipped_and_named(books, tmp_
     err = capsys.readouterr().err
     assert "Skipped 2 files that are not text: image.txt (binary, with NUL bytes), latin1.txt (not UTF-8 at " \
            "byte 3)" in err
-    assert meta["skipped"] == {"empty": 1, "not_text": 2}
+    assert meta["skipped"] == {"empty": 1, "not_text": 2, "links": 0, "after_max_tokens": 0}
     assert "latin1.txt" in meta["files"]["path"]  # recorded: fixing it makes the folder stale
     (books / "latin1.txt").write_text("café au lait")
     assert corpus.check(data_config(books, tmp_path), "unused")[1].stale == ["latin1.txt changed"]
@@ -252,3 +257,118 @@ def test_a_full_disk_while_preparing_is_one_line_and_keeps_nothing(tmp_path):
     lines = after_the_device_line(result)
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: the disk is full: no space left to write ") and "nothing was kept" in lines[0]
+
+
+def test_folder_links_never_take_a_file_twice(books, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "far.txt").write_text("a book kept elsewhere, linked in")
+    (books / "a" / "up").symlink_to("..")  # back into the tree: every file again, and again
+    (books / "loop").symlink_to(books / "loop")  # a link to itself
+    (books / "b" / "same").symlink_to(books / "a")  # another name for a folder of the tree
+    (books / "alias.txt").symlink_to(books / "a" / "book1.txt")  # another name for a file
+    (books / "elsewhere").symlink_to(outside)  # a folder outside the tree: taken
+    d = data_config(books, tmp_path)
+    spec, status = corpus.check(d, "unused")
+    meta = prepare.prepare(spec, status.folder, 2)
+    real = sorted(str(p.relative_to(books)) for p in books.rglob("*.txt") if not p.is_symlink()
+                  and "up" not in p.parts and "same" not in p.parts and "elsewhere" not in p.parts)
+    assert meta["files"]["path"] == sorted([*real, "elsewhere/far.txt"])
+    assert meta["skipped"]["links"] == 3  # up, same, and alias.txt (the loop is not a folder that can be walked)
+    assert "3 links skipped" in capsys.readouterr().out
+    assert corpus.check(d, "unused")[1].ready
+
+
+def test_a_corpus_prepared_in_format_1_is_prepared_again_saying_why(books, tmp_path):
+    d = data_config(books, tmp_path)
+    spec, status = corpus.check(d, "unused")
+    prepare.prepare(spec, status.folder, 2)
+    meta_path = Path(status.folder, corpus.META)
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format": 1}))
+    stale = corpus.check(d, "unused")[1].stale
+    assert len(stale) == 1 and "could take a file more than once through a folder link" in stale[0]
+
+
+def test_a_split_far_from_the_ratio_is_said_in_one_line(tmp_path, capsys):
+    root = tmp_path / "few"
+    root.mkdir()
+    rng = random.Random(5)
+    # Two big files that the hash puts in validation, one small in training: validation gets most tokens.
+    names = [n for n in (f"f{i}.txt" for i in range(100)) if prepare.validation_share(n) >= 0.9][:2]
+    names += [n for n in (f"f{i}.txt" for i in range(100)) if prepare.validation_share(n) < 0.9][:1]
+    for name, n_words in zip(names, (3000, 3000, 1000), strict=True):
+        (root / name).write_text(words(rng, n_words))
+    d = data_config(root, tmp_path)
+    spec, status = corpus.check(d, "unused")
+    meta = prepare.prepare(spec, status.folder, 2)
+    assert meta["split"] == "files"
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Note: ")]
+    share = meta["val"]["tokens"] / (meta["train"]["tokens"] + meta["val"]["tokens"])
+    assert len(note) == 1 and f"validation holds {share:.0%}" in note[0] and "--config.data.split=tails" in note[0]
+    d.split = "tails"
+    spec, status = corpus.check(d, "unused")
+    meta = prepare.prepare(spec, status.folder, 2)
+    assert meta["split"] == "document tails" and not [line for line in capsys.readouterr().err.splitlines()
+                                                      if line.startswith("Note: ")]
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")  # the child runs no JAX: it prepares and exits
+def test_an_unreadable_source_file_is_named(tmp_path):
+    """Root reads a file of mode 000: as root, the preparation runs in a child process that has become nobody."""
+    shared = Path(tempfile.mkdtemp(prefix="unreadable-", dir="/tmp"))  # a path that every user may enter
+    try:
+        shared.chmod(0o777)
+        root = shared / "corpus"
+        root.mkdir()
+        (root / "a.txt").write_text("a readable book")
+        (root / "b.txt").write_text("a book nobody may read")
+        (root / "b.txt").chmod(0)
+        d = data_config(root, shared)
+        message = _as_unprivileged(lambda: prepare.prepare(*_check(d), 1, progress=False), shared)
+        assert message.startswith(f"cannot read the corpus file {root / 'b.txt'} (Permission denied)"), message
+        assert os.listdir(shared / "cache") == []  # nothing half-prepared
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _check(d):
+    spec, status = corpus.check(d, "unused")
+    return spec, status.folder
+
+
+def _as_unprivileged(fn, home: Path) -> str:
+    """The UserError message of fn(), run as nobody when this process is root (else as it is); '' if none."""
+    prepare.prepare(*_check(data_config(Path(corpus.default_text_path()), home / "warm")), 1, progress=False)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 0
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            os.environ["HOME"] = str(home)
+            fn()
+            os.write(write, b"")
+        except UserError as e:
+            os.write(write, str(e).encode())
+        except BaseException as e:  # reported to the parent, which fails the test
+            os.write(write, f"unexpected {type(e).__name__}: {e}".encode())
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_folders_prepared_before_the_record_keys_keep_their_names(books, tmp_path):
+    """So that a folder of format 1 is found, and reported stale with its reason, rather than left behind."""
+    spec = corpus.spec_from_config(data_config(books, tmp_path))
+    before = json.dumps([spec.path, spec.kind, spec.glob, list(spec.exclude), spec.train_ratio])
+    assert spec.key() == hashlib.sha256(before.encode()).hexdigest()[:10]
+    assert corpus.spec_from_config(data_config(books, tmp_path, text_field="body")).key() != spec.key()
