@@ -121,7 +121,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_freq = 5
     t.eval_iter = 5
     t.seed = 123
+    # False starts afresh, moving the earlier run (checkpoints and records) into <run>/previous/<timestamp>/.
     t.resume = True
+    # > 0 resumes from this update's checkpoint instead of the newest, moving the newer ones into previous/ (after
+    # a damaged checkpoint, or to go back before a divergence).
+    t.resume_step = 0
     t.checkpoint_every = 50  # steps; a checkpoint is also written at the end and on Ctrl-C
     t.max_to_keep = 2
     t.sample_every_epoch = True  # data.sampling="epochs": a greedy sample of sample.prompt after each epoch
@@ -149,6 +153,10 @@ def base_config() -> ml_collections.ConfigDict:
     e.split = ""  # "train" or "val": evaluate that split of the config's corpus (data.path) instead
     e.json = False
     e.batch_size = 4
+    # A split (eval.split) is scored on the windows every evaluation of the run scores (train.eval_iter batches of
+    # train.batch_size, data.stride, data.sampling), so its loss is the one the run logged; True scores every
+    # token once instead (a different number). A text file (eval.text_file) is always scored whole.
+    e.all_tokens = False
 
     c.export = x = ml_collections.ConfigDict()
     # The folder `python -m mygpt_jax.export` writes the model into, for transformers' from_pretrained.
@@ -158,6 +166,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 # Folders of checkpoint_dir that are not runs: prepared corpora, OpenAI's weights, the sweeps.
 RESERVED_FOLDERS = ("data", "gpt2", "experiments")
+
+
+def validate_checkpoint_keys(c: ml_collections.ConfigDict) -> None:
+    """The resume keys' values (checkpoint.py owns what they do)."""
+    if c.train.resume_step < 0:
+        raise UserError(f"--config.train.resume_step={c.train.resume_step} is invalid: use an update with a "
+                        "checkpoint, or 0 for the newest")
 
 
 def run_folder(config: ml_collections.ConfigDict) -> str:
@@ -241,6 +256,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     sources = c.weights_sources.split(",")
     require(set(sources) <= {"hub", "openai"} and len(set(sources)) == len(sources),
             "weights_sources", "use hub and/or openai, comma-separated, each once")
+    validate_checkpoint_keys(c)
 
 
 # OpenAI's GPT-2 sizes: (emb_dim, n_heads, n_layers); all have context 1024, qkv bias and a tied head.
