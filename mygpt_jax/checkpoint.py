@@ -53,7 +53,8 @@ class Checkpointer:
         self.saved_step: int | None = None  # the newest step of this run on disk, once resumed or saved
         self._manager = None
         if not (read_only and not os.path.isdir(run_dir)):  # a reader of a folder that is not there sees no steps
-            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+            # A reader is not Orbax's read_only (which logs warnings): it just never saves.
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                                    cleanup_tmp_directories=not read_only,
                                                    enable_async_checkpointing=False)
             self._manager = ocp.CheckpointManager(os.path.abspath(run_dir), options=options)
@@ -73,7 +74,13 @@ class Checkpointer:
         """The finished steps on disk now (read afresh: another process may have added or rotated some)."""
         if self._manager is None:
             return []
-        self._manager.reload()
+        for attempt in range(20):
+            try:
+                self._manager.reload()
+                break
+            except FileNotFoundError:  # a step removed while Orbax listed them: list again
+                if attempt == 19:
+                    raise
         return sorted(self._manager.all_steps())
 
     def latest(self) -> int | None:

@@ -104,8 +104,8 @@ def pretrained_params(config: ml_collections.ConfigDict, cfg: ModelConfig) -> An
     if cfg.context_length > pretrained_cfg.context_length:
         mismatched.append("context_length")
     if mismatched:
-        where = config.weights_dir or config.init_from
-        raise UserError(f"the weights of {where} do not fit this model: "
+        where = f" (weights_dir {config.weights_dir})" if config.weights_dir else ""
+        raise UserError(f"--config.init_from={config.init_from}{where} does not fit this model: "
                         + ", ".join(f"model.{f}={getattr(cfg, f)} (weights: {getattr(pretrained_cfg, f)})"
                                     for f in mismatched)
                         + "; set " + " ".join(f"--config.model.{f}={getattr(pretrained_cfg, f)}" for f in mismatched))
