@@ -163,25 +163,6 @@ def test_a_checkpoint_from_before_corpora_resumes_where_it_stopped(tiny_run, tmp
     assert got == [uninterrupted[r["update"]] for r in got]
 
 
-def test_tensorboard_event_files_hold_the_evaluations(library, tmp_path):
-    pytest.importorskip("tensorboardX")
-    result = run_cli("train", f"--config.checkpoint_dir={tmp_path}", f"--config.data.path={library}", *RANDOM,
-                     "--config.train.tensorboard=True", "--config.train.max_steps=9")
-    assert result.returncode == 0, result.stderr
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf  # a reader that is not tensorboardX's writer
-
-    events = [event for path in (tmp_path / "tiny" / "tensorboard").iterdir()
-              for event in tf.compat.v1.train.summary_iterator(str(path))]
-    scalars = {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value}
-    records = read_metrics(tmp_path / "tiny")
-    assert [r["step"] for r in records] == [0, 8]
-    for r in records:
-        assert scalars[("loss/val", r["step"])] == pytest.approx(r["val_loss"])
-        assert scalars[("loss/train", r["step"])] == pytest.approx(r["train_loss"])
-        assert ("learning_rate", r["step"]) in scalars
-
-
 def test_evaluate_reads_a_prepared_validation_split(random_run, library):
     ckpt, _ = random_run
     args = [f"--config.checkpoint_dir={ckpt}", f"--config.data.path={library}", *RANDOM, "--config.eval.split=val",
