@@ -185,7 +185,7 @@ class Checkpointer:
         aside; None (a fresh start) when there is none or `train.resume` is False, which moves the earlier run
         aside. A checkpoint of another model is a UserError."""
         t, steps = config.train, self.steps()
-        if steps and not t.resume:
+        if not t.resume and (steps or self._earlier_records()):
             say(f"Starting fresh (--config.train.resume=False): {self.set_aside(None)}")
             return None
         if t.resume_step and t.resume_step not in steps:
@@ -205,6 +205,9 @@ class Checkpointer:
                             f"run is moved into {os.path.join(self.run_dir, PREVIOUS)}/)")
         self.saved_step = steps[-1]
         return meta
+
+    def _earlier_records(self) -> bool:
+        return any(n not in (PREVIOUS, RunLock.NAME) for n in os.listdir(self.run_dir))
 
     def set_aside(self, keep_until: int | None) -> str:
         """Move the steps after `keep_until` (None: the whole earlier run, its records too) into

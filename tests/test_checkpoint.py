@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import shutil
+import sys
 import time
 
 import jax
@@ -16,7 +17,15 @@ import pytest
 from mygpt_jax import checkpoint
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig, init_params
-from tests.utils import TINY_RUN, after_the_device_line, checkpoint_steps as steps, popen_cli, read_metrics, run_cli
+from tests.utils import (
+    TINY_RUN,
+    after_the_device_line,
+    checkpoint_steps as steps,
+    in_small_filesystem,
+    popen_cli,
+    read_metrics,
+    run_cli,
+)
 
 KEYS = ("update", "train_loss", "val_loss", "batch_loss", "tokens_seen")
 
@@ -155,3 +164,17 @@ def test_the_model_shape_of_a_checkpoint_is_checked_before_any_array_is_read(tin
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "was trained with another model (model.emb_dim: 32 -> 64)" in lines[0]
     assert json.loads((run_dir / "summary.json").read_text())["updates"] == 72
+
+
+def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):
+    ckpt = tmp_path / "small"
+    ckpt.mkdir()
+    # 6 MB: the prepared verdict and the metrics fit, a checkpoint of the 3M-parameter model (39 MB) does not.
+    result = in_small_filesystem(6, ckpt, [sys.executable, "-m", "mygpt_jax.train", "--config", "configs/tiny.py",
+                                           f"--config.checkpoint_dir={ckpt}", "--config.train.flops_matmul_size=0",
+                                           "--config.train.max_steps=3", "--config.compilation_cache_dir="])
+    lines = after_the_device_line(result)
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0] == (f"error: the disk is full: checkpoint 3 could not be written to {ckpt}/tiny (no checkpoint "
+                        "was kept); free some space and rerun the same command to resume")
+    shutil.rmtree(ckpt, ignore_errors=True)
