@@ -54,8 +54,12 @@ class Evaluator:
         self.loss_sum, self.eval_sets, self.context_length = loss_sum, eval_sets, context_length
         self.rows, self.mesh = rows, mesh
         self.flops_per_token, self.peak_flops, self.learning_rate = flops_per_token, peak_flops, learning_rate
-        self.start_time = time.time()
         self.tokens_per_s = 0.0  # the last measured
+        self.begin(tokens_seen)
+
+    def begin(self, tokens_seen: int) -> None:
+        """Training starts now (its first step compiled): the run's time counts from here."""
+        self.start_time = time.time()
         self.pause(tokens_seen)
 
     def pause(self, tokens_seen: int) -> None:

@@ -94,7 +94,7 @@ class _Loop:
         rng = sharding.put(_rngs(t.seed)[1], sharding.replicated(self.run.mesh))
         next_batch = batches.on_mesh(start, accum, where)
         train_step = self._compile(state, next_batch, rng)
-        self.evaluator.pause(tokens_seen)
+        self.evaluator.begin(tokens_seen)
         for step in range(start, total):
             state, metrics = train_step(state, next_batch, rng)
             tokens_seen += t.batch_size * self.run.cfg.context_length
