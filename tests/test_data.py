@@ -96,5 +96,5 @@ def test_both_batch_sources_answer_the_loops_questions():
 
 
 def test_a_training_split_smaller_than_a_batch_is_one_line():
-    with pytest.raises(UserError, match="fewer than one batch of --config.train.batch_size=8"):
+    with pytest.raises(UserError, match=r"fewer than one batch of --config\.train\.batch_size=8"):
         data.EpochBatches(np.arange(40), 8, 8, batch_size=8, seed=0)
