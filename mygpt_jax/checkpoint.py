@@ -57,7 +57,7 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                                    cleanup_tmp_directories=not read_only,
                                                    enable_async_checkpointing=False)
-            self._manager = ocp.CheckpointManager(os.path.abspath(run_dir), options=options)
+            self._manager = _listing(lambda: ocp.CheckpointManager(os.path.abspath(run_dir), options=options))
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -74,13 +74,7 @@ class Checkpointer:
         """The finished steps on disk now (read afresh: another process may have added or rotated some)."""
         if self._manager is None:
             return []
-        for attempt in range(20):
-            try:
-                self._manager.reload()
-                break
-            except FileNotFoundError:  # a step removed while Orbax listed them: list again
-                if attempt == 19:
-                    raise
+        _listing(self._manager.reload)
         return sorted(self._manager.all_steps())
 
     def latest(self) -> int | None:
@@ -119,8 +113,7 @@ class Checkpointer:
         """Why `step` could not be restored: gone, damaged (which part; the newest intact older step), or intact
         but of another shape than asked (`Mismatch`)."""
         folder = os.path.join(self.run_dir, str(step))
-        if not os.path.isdir(folder):
-            return Vanished(f"checkpoint {folder} was removed while it was read (a training beside it rotates its "
+        vanished = Vanished(f"checkpoint {folder} was removed while it was read (a training beside it rotates its "
                             "checkpoints); read it again")
         for name in items:  # an item that cannot be read as it was written is damaged
             try:  # Orbax 0.11 warns of a restore without a target: it is meant here
@@ -128,7 +121,11 @@ class Checkpointer:
                     self._restore(step, **{name: ocp.args.JsonRestore() if name == "meta" else
                                            ocp.args.StandardRestore()})
             except Exception as e:  # one try per part, to name the damaged one
+                if not os.path.isdir(folder):
+                    return vanished
                 return Damaged(step, name, reason(e), self._intact_before(step, items))
+        if not os.path.isdir(folder):
+            return vanished
         return Mismatch(f"checkpoint {folder} does not fit this model ({reason(error)})")
 
     def _intact_before(self, step: int, items: dict) -> int | None:
@@ -307,6 +304,17 @@ def save(run_dir: str, step: int, params: Any, meta: dict) -> None:
     """A parameter-only checkpoint (converted pretrained weights, tests)."""
     with Checkpointer(run_dir) as checkpoints:
         checkpoints.save(step, params, meta)
+
+
+def _listing(read_steps: Callable[[], Any]) -> Any:
+    """`read_steps()` (Orbax listing a run's steps), again when a step was removed while it listed them: a
+    training beside a reader rotates its checkpoints."""
+    for _ in range(19):
+        try:
+            return read_steps()
+        except FileNotFoundError:
+            continue
+    return read_steps()  # the last try raises what it meets
 
 
 def reason(e: Exception) -> str:
