@@ -308,13 +308,14 @@ def save(run_dir: str, step: int, params: Any, meta: dict) -> None:
 
 def _listing(read_steps: Callable[[], Any]) -> Any:
     """`read_steps()` (Orbax listing a run's steps), again when a step was removed while it listed them: a
-    training beside a reader rotates its checkpoints."""
-    for _ in range(19):
-        try:
-            return read_steps()
-        except FileNotFoundError:
-            continue
-    return read_steps()  # the last try raises what it meets
+    training beside a reader rotates its checkpoints. Quiet: Orbax warns of a step that went meanwhile."""
+    with compat.no_orbax_error_logs():  # nor Orbax's warning of the metadata of a step it saw go
+        for _ in range(19):
+            try:
+                return read_steps()
+            except (FileNotFoundError, NotADirectoryError):  # Orbax checks what it found is still a folder
+                continue
+        return read_steps()  # the last try raises what it meets
 
 
 def reason(e: Exception) -> str:

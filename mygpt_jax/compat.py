@@ -37,8 +37,8 @@ def own_buffers(tree: Any) -> Any:
 @contextlib.contextmanager
 def no_orbax_error_logs() -> Iterator[None]:
     """Orbax (every pinned version) logs the traceback of every write that failed (one per array and thread)
-    through absl before the save raises, and 0.11.5 warns of every restore without a target tree; the one-line
-    error made of that exception says it all."""
+    through absl before the save raises, 0.11.5 warns of every restore without a target tree, and each warns of
+    a step removed while it lists the steps; the one-line error made of that exception says it all."""
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.FATAL)
     try:
