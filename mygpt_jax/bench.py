@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from mygpt_jax import backends, hardware, profiling, sharding, steps
+from mygpt_jax import backends, hardware, profiling, run_setup, sharding
 from mygpt_jax.backends import Backend
 from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings
@@ -102,20 +102,14 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: Ba
     the step jitted with its shardings), compile time apart; with `profile`, also {XLA op kind: (seconds,
     count)} of one more step (`profiling.op_seconds`)."""
     t = config.train
-    mesh = sharding.make_mesh(config.mesh)
-    tx = steps.create_optimizer(t, total_steps=n_steps + t.warmup_steps + 2)
-    shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
-    step = steps.jit_train_step(sharding.model_on(mesh, cfg, backend), tx, t.grad_accum_steps,
-                                state_shardings=shardings, batch_sharding=batch_sharding)
-    state = steps.init_state(cfg, tx, jax.random.key(t.seed), shardings)
+    run = run_setup.setup(config, n_steps + t.warmup_steps + 2, backend)
+    state = run.fresh_state(jax.random.key(t.seed))
     num_params = count_params(state.params)
-    shape = (t.grad_accum_steps, t.batch_size // t.grad_accum_steps, cfg.context_length + 1)
-    batch = jax.device_put(jax.random.randint(jax.random.key(1), shape, 0, cfg.vocab_size), batch_sharding)
-    rng = sharding.put(jax.random.key(2), sharding.replicated(mesh))
+    shape = (t.grad_accum_steps, run.micro_batch, cfg.context_length + 1)
+    batch = jax.device_put(jax.random.randint(jax.random.key(1), shape, 0, cfg.vocab_size), run.batch_sharding)
+    rng = sharding.put(jax.random.key(2), sharding.replicated(run.mesh))
 
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
-    compile_s = time.perf_counter() - start
+    compiled, compile_s = run.compile_train_step(state, batch, rng)
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -127,14 +121,13 @@ def bench_train(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: Ba
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n_steps
     tokens_per_s = t.batch_size * cfg.context_length / step_s
     result = {"num_params": num_params, "train_compile_s": compile_s, "train_step_s": step_s,
-              "train_page_faults_per_step": faults, "train_mesh": dict(mesh.shape), "train_devices": mesh.size,
-              "train_tokens_per_s": tokens_per_s, "train_tokens_per_s_per_device": tokens_per_s / mesh.size,
+              "train_page_faults_per_step": faults, "train_mesh": dict(run.mesh.shape),
+              "train_devices": run.mesh.size, "train_tokens_per_s": tokens_per_s,
+              "train_tokens_per_s_per_device": tokens_per_s / run.mesh.size,
               "train_flops_per_s": tokens_per_s * matmul_flops_per_token(cfg)}
     if profile:
         _progress("train step: compiling it to record its ops, then one profiled step")
-        profiled_step = steps.jit_train_step(sharding.model_on(mesh, cfg, backend), tx, t.grad_accum_steps,
-                                             profile=True, state_shardings=shardings,
-                                             batch_sharding=batch_sharding).lower(state, batch, rng).compile()
+        profiled_step, _ = run.compile_train_step(state, batch, rng, profile=True)
         state, metrics = profiled_step(state, batch, rng)  # warm-up
         jax.block_until_ready(metrics)
         result["train_profile"] = profiling.op_seconds(lambda: profiled_step(state, batch, rng)[1])
@@ -146,27 +139,17 @@ def bench_memory(config: ml_collections.ConfigDict, cfg: ModelConfig, backend: B
     shards' shapes, against the whole state; and the compiled train step's memory analysis. Only shapes are
     made, so any model size can be measured with CPU devices standing in for accelerators."""
     t = config.train
-    mesh = sharding.make_mesh(config.mesh)
-    micro = t.batch_size // t.grad_accum_steps
-    sharding.check_fits(cfg, mesh, micro, f"--config.train.batch_size={t.batch_size} / train.grad_accum_steps")
-    tx = steps.create_optimizer(t, total_steps=1000)
-    shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
-
-    def placed(abstract: Any, where: Any) -> Any:
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, where)
-
-    abstract = jax.eval_shape(lambda: steps.new_state(init_params(cfg, jax.random.key(0)), tx))
-    state = placed(abstract, shardings)
-    whole = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
-    batch = jax.ShapeDtypeStruct((t.grad_accum_steps, micro, cfg.context_length + 1), jnp.int32,
-                                 sharding=batch_sharding)
-    rng = placed(jax.eval_shape(lambda: jax.random.key(0)), sharding.replicated(mesh))
-    _progress(f"compiling the train step on the mesh {dict(mesh.shape)} for its memory analysis")
-    step = steps.jit_train_step(sharding.model_on(mesh, cfg, backend), tx, t.grad_accum_steps,
-                                state_shardings=shardings, batch_sharding=batch_sharding)
-    analysis = step.lower(state, batch, rng).compile().memory_analysis()
+    run = run_setup.setup(config, 1000, backend)
+    state = run.abstract_state()
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+    batch = jax.ShapeDtypeStruct((t.grad_accum_steps, run.micro_batch, cfg.context_length + 1), jnp.int32,
+                                 sharding=run.batch_sharding)
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=sharding.replicated(run.mesh))
+    _progress(f"compiling the train step on the mesh {dict(run.mesh.shape)} for its memory analysis")
+    analysis = run.compile_train_step(state, batch, rng)[0].memory_analysis()
     per_device = sharding.shard_bytes(state)
-    result = {"mesh": dict(mesh.shape), "devices": mesh.size, "num_params": count_params(abstract.params),
+    result = {"mesh": dict(run.mesh.shape), "devices": run.mesh.size, "num_params": count_params(state.params),
               "state_bytes_total": whole, "state_bytes_per_device": per_device, "state_fraction": per_device / whole}
     if analysis is not None:  # per device: the step's arguments (the state, the batch), outputs and temporaries
         result.update(step_argument_bytes=analysis.argument_size_in_bytes,

@@ -31,12 +31,11 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mygpt_jax import backends, corpus, data, steps
-from mygpt_jax.model import GPT, ModelConfig, init_params
+from mygpt_jax import corpus, data, run_setup, sharding
+from mygpt_jax.model import ModelConfig
 from mygpt_jax.prepare import CHUNK_BYTES, default_workers
 
 DOCUMENT_BYTES = 1 << 20
@@ -178,23 +177,28 @@ def bench_training(config: ml_collections.ConfigDict, prepared_folder: str, n_st
     mapped = data.EpochBatches(tokens, cfg.context_length, cfg.context_length, t.batch_size, t.seed)
     sources = {"memory_map": mapped, "in_memory": _InMemory(data.EpochBatches(
         np.asarray(tokens), cfg.context_length, cfg.context_length, t.batch_size, t.seed))}
-    tx = steps.create_optimizer(t, n_steps)
-    step_fn = steps.jit_train_step(GPT(cfg, backends.current()), tx, t.grad_accum_steps)
-    params = init_params(cfg, jax.random.key(0))
-    rng = jax.random.key(1)
-    state = steps.TrainState(jnp.int32(0), params, tx.init(params))
-    state, metrics = step_fn(state, jnp.asarray(mapped.batch(0)), rng)  # compile
+    run = run_setup.setup(config, n_steps)
+    state = run.fresh_state(jax.random.key(0))
+    rng = sharding.put(jax.random.key(1), sharding.replicated(run.mesh))
+    step_fn, _ = run.compile_train_step(state, _on_mesh(run, mapped.batch(0)), rng)
+    state, metrics = step_fn(state, _on_mesh(run, mapped.batch(0)), rng)
     jax.block_until_ready(metrics)
     rates: dict[str, list[float]] = {name: [] for name in sources}
     for _ in range(rounds):
         for name, source in sources.items():
             start, batch = time.perf_counter(), source.batch(0)
             for step in range(n_steps):  # as the training loop: the next batch gathered while the step runs
-                state, metrics = step_fn(state, jnp.asarray(batch), rng)
+                state, metrics = step_fn(state, _on_mesh(run, batch), rng)
                 batch = source.batch(step + 1)
             jax.block_until_ready(metrics)
             rates[name].append(n_steps * t.batch_size * cfg.context_length / (time.perf_counter() - start))
     return rates
+
+
+def _on_mesh(run: run_setup.Run, batch: np.ndarray) -> jax.Array:
+    """A host batch as the train step takes it: (micro-batches, rows, tokens) with the batch's sharding."""
+    accum = run.config.train.grad_accum_steps
+    return jax.device_put(batch.reshape(accum, -1, batch.shape[-1]), run.batch_sharding)
 
 
 def bench_startup(config_path: str, prepared_folder: str, root: str) -> float:

@@ -6,3 +6,76 @@ pinned versions of each line are in constraints.txt and constraints-jax050.txt.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging as absl_logging
+
+
+def restore_targets(abstract: Any) -> Any:
+    """Placeholders that make Orbax (0.11.5 to 0.12.8) restore jax.Arrays where a sharding says, on the default
+    device where none is given: without a sharding Orbax 0.11 restores NumPy arrays and 0.12 warns."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device), abstract)
+
+
+def own_buffers(tree: Any) -> Any:
+    """Restored arrays copied into buffers of XLA's own: training donates the state to its step, and donating
+    the restored buffers themselves corrupted the heap with jax 0.5.0 and Orbax 0.11.5 (a resumed run crashed or
+    went nan). Harmless, and cheap beside a restore, on the newer lines."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+@contextlib.contextmanager
+def no_orbax_error_logs() -> Iterator[None]:
+    """Orbax (every pinned version) logs the traceback of every write that failed (one per array and thread)
+    through absl before the save raises, 0.11.5 warns of every restore without a target tree, and each warns of
+    a step removed while it lists the steps; the one-line error made of that exception says it all."""
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+def _orbax_leftover(error: BaseException | None, obj: Any = None) -> bool:
+    """An error of Orbax's machinery that outlived a failed read or write: a TensorStore read finishing into
+    Orbax's closed event loop, or a coroutine of the failed operation collected unfinished."""
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(obj, "cr_code", None)
+    return code is not None and any(part in (code.co_filename or "") for part in ("orbax", "tensorstore", "asyncio"))
+
+
+@functools.cache  # install the hooks once
+def quiet_orbax_leftovers() -> None:
+    """When a restore or save fails, Orbax (0.11.5 to 0.12.8) leaves reads in flight and coroutines unfinished;
+    Python would print an "Event loop is closed" traceback or "Exception ignored in coroutine" for each (through
+    sys.excepthook from TensorStore's threads, or sys.unraisablehook when collected), around the one-line error."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda kind, error, tb: None if _orbax_leftover(error) else excepthook(kind, error, tb)
+    sys.unraisablehook = lambda u: None if _orbax_leftover(u.exc_value, u.object) else unraisablehook(u)
+
+
+def _unretrieved(record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_failed_futures() -> Iterator[None]:
+    """When one of Orbax's reads or writes fails, the others' futures hold the same failure, and asyncio logs each
+    as "exception was never retrieved" when it is collected: while Orbax unwinds, or at exit. Within the block
+    those logs are dropped; after a failure, for good (the leftovers may be collected later)."""
+    logger = logging.getLogger("asyncio")
+    logger.addFilter(_unretrieved)
+    yield
+    logger.removeFilter(_unretrieved)

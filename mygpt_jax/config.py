@@ -147,7 +147,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_freq = 5
     t.eval_iter = 5
     t.seed = 123
+    # False starts afresh, moving the earlier run (checkpoints and records) into <run>/previous/<timestamp>/.
     t.resume = True
+    # > 0 resumes from this update's checkpoint instead of the newest, moving the newer ones into previous/ (after
+    # a damaged checkpoint, or to go back before a divergence).
+    t.resume_step = 0
     t.checkpoint_every = 50  # steps; a checkpoint is also written at the end and on Ctrl-C
     t.max_to_keep = 2
     t.sample_every_epoch = True  # data.sampling="epochs": a greedy sample of sample.prompt after each epoch
@@ -175,6 +179,10 @@ def base_config() -> ml_collections.ConfigDict:
     e.split = ""  # "train" or "val": evaluate that split of the config's corpus (data.path) instead
     e.json = False
     e.batch_size = 4
+    # A split (eval.split) is scored on the windows every evaluation of the run scores (train.eval_iter batches of
+    # train.batch_size, data.stride, data.sampling), so its loss is the one the run logged; True scores every
+    # token once instead (a different number). A text file (eval.text_file) is always scored whole.
+    e.all_tokens = False
 
     c.export = x = ml_collections.ConfigDict()
     # The folder `python -m mygpt_jax.export` writes the model into, for transformers' from_pretrained.
@@ -287,6 +295,7 @@ def _validate_train(c: ml_collections.ConfigDict) -> None:
     require(c, t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
     require(c, t.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)")
     require(c, t.flops_matmul_size >= 0, "train.flops_matmul_size", "must be >= 0 (0 skips the measurement)")
+    require(c, t.resume_step >= 0, "train.resume_step", "use an update with a checkpoint, or 0 for the newest")
 
 
 def _validate_sample(c: ml_collections.ConfigDict) -> None:

@@ -4,14 +4,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from mygpt_jax import distributed, sharding
 from mygpt_jax.errors import UserError
@@ -22,19 +25,22 @@ TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "batch_l
                     "flops_fraction": "speed/flops_fraction"}
 
 
-def evaluate(eval_step: Callable, params: Any, tokens: np.ndarray, starts: np.ndarray, context_length: int,
-             batch_size: int, micro_batch_size: int, mesh: Any) -> float:
-    """The mean of per-batch mean losses over the windows at `starts` (the seed's calc_loss_loader), each batch
-    evaluated in micro-batches (a whole batch's logits may not fit where its gradients were accumulated), laid out
-    on the mesh (`sharding.rows_sharding`)."""
+def window_loss(loss_sum: Callable, params: Any, tokens: np.ndarray, starts: np.ndarray, context_length: int,
+                rows: int, mesh: Any, targets: np.ndarray | None = None, progress: bool = False) -> tuple[int, float]:
+    """(targets scored, mean cross-entropy per target) of the windows at `starts`: token-weighted, the one
+    estimator of training's evaluations and of `evaluate`. `rows` windows at a time (a whole batch's logits may not
+    fit where its gradients were accumulated), laid out on the mesh (`sharding.rows_sharding`); `targets` counts
+    the targets of each window scored (default: all `context_length`; `tokens` then reach every window's end)."""
     distributed.barrier("evaluate")  # the processes compile the evaluation step side by side, then run it
-    batch_losses = []
-    for i in range(0, len(starts), batch_size):
-        batch = starts[i:i + batch_size]
-        micro = [batch[j:j + micro_batch_size] for j in range(0, len(batch), micro_batch_size)]
-        batch_losses.append([eval_step(params, sharding.device_windows(tokens, rows, context_length, mesh))
-                             for rows in micro])
-    return float(np.mean([np.mean(jax.device_get(m)) for m in batch_losses]))
+    if targets is None:
+        targets = np.full(len(starts), context_length, np.int32)
+    total = jnp.zeros(())
+    for i in tqdm(range(0, len(starts), rows), unit="batch", disable=not progress or None, file=sys.stderr):
+        part, counts = starts[i:i + rows], targets[i:i + rows].astype(np.int32)
+        windows = sharding.device_windows(tokens, part, context_length, mesh)
+        total = total + loss_sum(params, windows, sharding.place_rows(counts, mesh))
+    count = int(targets.sum())
+    return count, float(total) / max(count, 1)
 
 
 class Evaluator:
@@ -42,13 +48,17 @@ class Evaluator:
     keeps. The tokens/s it records count training time alone (`pause` after work that is not training), in all
     and per device; the FLOP fraction is of the devices' peaks together."""
 
-    def __init__(self, eval_step: Callable, eval_sets: dict[str, tuple[np.ndarray, np.ndarray]], context_length: int,
-                 batch_size: int, micro_batch_size: int, mesh: Any, flops_per_token: int, peak_flops: float | None,
-                 learning_rate: Any, tokens_seen: int, records: list[dict]):
-        self.eval_step, self.eval_sets, self.context_length = eval_step, eval_sets, context_length
-        self.batch_size, self.micro_batch_size, self.mesh = batch_size, micro_batch_size, mesh
+    def __init__(self, loss_sum: Callable, eval_sets: dict[str, tuple[np.ndarray, np.ndarray]], context_length: int,
+                 rows: int, mesh: Any, flops_per_token: int, peak_flops: float | None, learning_rate: Any,
+                 tokens_seen: int):
+        self.loss_sum, self.eval_sets, self.context_length = loss_sum, eval_sets, context_length
+        self.rows, self.mesh = rows, mesh
         self.flops_per_token, self.peak_flops, self.learning_rate = flops_per_token, peak_flops, learning_rate
-        self.records = records
+        self.tokens_per_s = 0.0  # the last measured
+        self.begin(tokens_seen)
+
+    def begin(self, tokens_seen: int) -> None:
+        """Training starts now (its first step compiled): the run's time counts from here."""
         self.start_time = time.time()
         self.pause(tokens_seen)
 
@@ -57,14 +67,12 @@ class Evaluator:
 
     def __call__(self, params: Any, metrics: dict, step: int, epoch: int | None, tokens_seen: int) -> dict[str, Any]:
         batch_loss = float(metrics["loss"])  # waits for the steps so far: the timing is exact
-        if tokens_seen > self.mark_tokens:
-            tokens_per_s = (tokens_seen - self.mark_tokens) / max(time.time() - self.mark_time, 1e-9)
-        else:  # no step since the last measurement (the final evaluation right after an epoch's sample)
-            tokens_per_s = self.records[-1]["tokens_per_s"]
-        losses = {split: evaluate(self.eval_step, params, tokens, starts, self.context_length, self.batch_size,
-                                  self.micro_batch_size, self.mesh)
+        if tokens_seen > self.mark_tokens:  # else no step since the last measurement (a final evaluation)
+            self.tokens_per_s = (tokens_seen - self.mark_tokens) / max(time.time() - self.mark_time, 1e-9)
+        losses = {split: window_loss(self.loss_sum, params, tokens, starts, self.context_length, self.rows,
+                                     self.mesh)[1]
                   for split, (tokens, starts) in self.eval_sets.items()}
-        lr, devices = self.learning_rate, self.mesh.size
+        lr, devices, tokens_per_s = self.learning_rate, self.mesh.size, self.tokens_per_s
         flops = tokens_per_s * self.flops_per_token
         record = {"update": step + 1, "step": step, "epoch": epoch, "tokens_seen": tokens_seen,
                   "train_loss": losses["train"], "val_loss": losses["val"], "batch_loss": batch_loss,
@@ -122,3 +130,33 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+
+class Reporter(contextlib.AbstractContextManager):
+    """What a person sees of a run and what it keeps: the progress bar, the seed's loss lines, metrics.jsonl and
+    TensorBoard; closed once however the run ends (`with`). A loss that is not finite raises `diverged(what)`."""
+
+    def __init__(self, log: MetricsLog, total_steps: int, start: int, diverged: Callable[[str], Exception]):
+        self.log, self.diverged = log, diverged
+        self.bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
+                        disable=None if log.enabled else True, file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+        self.log.close()
+
+    def write(self, line: str) -> None:
+        if self.log.enabled:
+            self.bar.write(line)
+
+    def evaluated(self, record: dict) -> None:
+        """Log an evaluation and print the seed's line; a loss that is not finite stops the run, unsaved (resuming
+        keeps the last good state)."""
+        if not np.isfinite([record["batch_loss"], record["train_loss"], record["val_loss"]]).all():
+            raise self.diverged(f"the loss is {record['train_loss']} at update {record['update']}")
+        self.log.append(record)
+        fraction = {} if record["flops_fraction"] is None else {"flops": f"{record['flops_fraction']:.2f}"}
+        self.bar.set_postfix(tok_s=f"{record['tokens_per_s']:.0f}", loss=f"{record['train_loss']:.3f}", **fraction)
+        where = f"Ep {record['epoch']} (Step {record['step']:06d})" if record["epoch"] else f"Step {record['step']:06d}"
+        self.write(f"{where}: Train loss {record['train_loss']:.3f}, Val loss {record['val_loss']:.3f}")

@@ -59,11 +59,6 @@ def _matrices(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
-@jax.jit
-def all_finite(params: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree_util.tree_leaves(params)]))
-
-
 def loss_fn(model: GPT, params: Any, batch: jax.Array, rng: jax.Array | None) -> jax.Array:
     """Mean next-token cross-entropy of a batch of windows (batch, context_length + 1)."""
     rngs = None if rng is None else {"dropout": rng}
@@ -123,6 +118,13 @@ def jit_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_step
                    **model.backend.jit_options(profile))
 
 
-def jit_eval_step(model: GPT) -> Callable[[Any, jax.Array], jax.Array]:
-    """(params, batch) -> the batch's mean loss, without dropout."""
-    return jax.jit(lambda params, batch: loss_fn(model, params, batch, None), **model.backend.jit_options())
+def jit_eval_step(model: GPT) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """(params, windows, targets) -> the summed cross-entropy of the first `targets[i]` targets of each window i,
+    without dropout (`metrics.window_loss` divides by their count: every target weighs the same)."""
+
+    def loss_sum(params: Any, windows: jax.Array, targets: jax.Array) -> jax.Array:
+        logits, _ = model.apply({"params": params}, windows[:, :-1], deterministic=True)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
+        return jnp.sum(jnp.where(jnp.arange(losses.shape[1]) < targets[:, None], losses, 0.0))
+
+    return jax.jit(loss_sum, **model.backend.jit_options())

@@ -1,11 +1,12 @@
 """Train GPT-2: `python -m mygpt_jax.train --config configs/verdict.py`.
 
-`train_and_evaluate` reads top to bottom: prepare (or check) the corpus, restore the checkpoint or start
-afresh, then one loop counted in steps. Each step trains on the batch of that step (`data.EpochBatches` or
-`data.RandomBatches`: a function of the seed and the step), and the loop itself says what happens every N
-steps: evaluate and log every `eval_freq`, checkpoint every `checkpoint_every`, a sample after each epoch (or
-every `sample_every`). Ctrl-C or SIGTERM saves at the next step boundary; rerunning the same command resumes
-and reproduces the losses of an uninterrupted run. The step functions are in `steps.py`.
+`train_and_evaluate` reads top to bottom: take the run folder, ask its checkpointer what to resume from,
+prepare (or check) the corpus, build the run once (`run_setup`), then `_loop`, one loop counted in steps. Each
+step trains on the batch of that step (a `data.BatchSource`: a function of the seed and the step), and the loop
+itself says what happens every N steps: evaluate and log every `eval_freq`, checkpoint every `checkpoint_every`,
+a sample after each epoch (or every `sample_every`). Ctrl-C or SIGTERM saves at the next step boundary; rerunning
+the same command resumes and reproduces the losses of an uninterrupted run. The progress bar, metrics.jsonl,
+TensorBoard, the checkpointer and the run lock are context managers: however the run ends they close once.
 
 Step numbering follows the seed: "Step N" is printed after the (N+1)-th parameter update.
 """
@@ -21,184 +22,213 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 import mygpt_jax
-from mygpt_jax import backends, checkpoint, corpus, data, distributed, hardware, preemption, prepare, sharding, steps
+from mygpt_jax import checkpoint, corpus, data, distributed, hardware, prepare, run_setup, sharding
+from mygpt_jax.checkpoint import Checkpointer
 from mygpt_jax.config import changed_settings, run_folder
 from mygpt_jax.errors import Interrupted, UserError
 from mygpt_jax.generate import Generator, SamplingSettings
-from mygpt_jax.metrics import Evaluator, MetricsLog
-from mygpt_jax.model import ModelConfig, count_params, init_params, matmul_flops_per_token, pad_vocab
+from mygpt_jax.metrics import Evaluator, MetricsLog, Reporter
+from mygpt_jax.model import count_params, matmul_flops_per_token
 from mygpt_jax.plots import plot_losses
+from mygpt_jax.preemption import StopSignals
 from mygpt_jax.tokenizer import decode, encode
-
-META_FORMAT = 2  # 1 (no "format" key): the epoch and batch position of the in-memory verdict windows
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     """Train as the config says; returns the run summary (also written to <run dir>/summary.json)."""
-    t = config.train
-    cfg = ModelConfig.from_config(config.model)
-    primary = distributed.is_primary()  # every process trains; the first alone writes what a person reads
+    t, primary = config.train, distributed.is_primary()  # every process trains; the first alone writes
     say = print if primary else _quiet
-    mesh = sharding.make_mesh(config.mesh)
-    micro_batch = t.batch_size // t.grad_accum_steps
-    sharding.check_fits(cfg, mesh, micro_batch, f"--config.train.batch_size={t.batch_size} / "
-                                                f"train.grad_accum_steps={t.grad_accum_steps}")
     run_dir = _make_run_dir(config)
-    with checkpoint.RunLock(run_dir) if primary else contextlib.nullcontext():
-        saved = _checkpoint_to_resume(config, run_dir, say)
+    with contextlib.ExitStack() as stack:
+        if primary:
+            stack.enter_context(checkpoint.RunLock(run_dir))
+        checkpoints = stack.enter_context(Checkpointer(run_dir, t.max_to_keep, learning_rate=t.learning_rate))
+        saved = checkpoints.to_resume(config, say)
         prepared = _prepared_corpus(config, saved, say)
         for name, split in (("training", prepared.train), ("validation", prepared.val)):
-            data.check_split(name, len(split), cfg.context_length, prepared.folder)
-        stride = config.data.stride or cfg.context_length
-        if config.data.sampling == "epochs":
-            batches = data.EpochBatches(prepared.train, cfg.context_length, stride, t.batch_size, t.seed,
-                                        _epoch_anchor(saved))
-            if batches.steps_per_epoch == 0:
-                raise UserError(f"the training split has {len(batches.starts)} windows, fewer than one batch of "
-                                f"--config.train.batch_size={t.batch_size}; lower the batch size or use more text")
-            total_steps = batches.steps_until_epoch(t.num_epochs)
-            total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
-        else:
-            batches = data.RandomBatches(prepared.train, cfg.context_length, t.batch_size, t.seed)
-            total_steps = t.max_steps
-        # The same windows at every evaluation: the first of each split (epochs), or spread over it (random).
-        spread = config.data.sampling == "random"
-        eval_sets = {split: (tokens, data.evaluation_windows(tokens, cfg.context_length, stride,
-                                                             t.eval_iter * t.batch_size, spread))
-                     for split, tokens in (("train", prepared.train), ("val", prepared.val))}
+            data.check_split(name, len(split), config.model.context_length, prepared.folder)
+        batches = data.batch_source(config, prepared.train, checkpoint.resume_position(saved) if saved else (0, 0, 0))
+        run = run_setup.setup(config, batches.total_steps)
+        state = run.restored_state(checkpoints, saved) if saved else run.fresh_state(_rngs(t.seed)[0])
+        _say_resumed(config, saved, batches, say)
+        evaluator = _header(run, state, batches, prepared, saved, say)
+        if int(state.step) >= batches.total_steps:
+            return _already_trained(config, run_dir, int(state.step), batches.total_steps, saved, say)
+        loop = _Loop(run, batches, checkpoints, _Sampler(config, run, batches, say), evaluator, {
+            "rng": np.asarray(jax.random.key_data(_rngs(t.seed)[1])).tolist(), "config": config.to_dict(),
+            "data": {"fingerprint": prepared.fingerprint, "folder": prepared.folder}})
+        log = MetricsLog(run_dir, int(state.step) if saved else None, t.tensorboard, enabled=primary)
+        with Reporter(log, batches.total_steps, int(state.step), checkpoints.diverged) as reporter, \
+                StopSignals() as stop:
+            state = loop.train(state, saved["tokens_seen"] if saved else 0, reporter, stop)
+        return _summarise(config, run_dir, state, loop, log.records, prepared, say)
 
-        backend = backends.current()
-        model = sharding.model_on(mesh, cfg, backend)
-        tx = steps.create_optimizer(t, total_steps)
-        lr = steps.learning_rate(t, total_steps)
-        state_shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
-        init_rng, dropout_rng = jax.random.split(jax.random.key(t.seed))
-        dropout_rng = sharding.put(dropout_rng, sharding.replicated(mesh))
-        state = _initial_state(config, cfg, tx, init_rng, run_dir, saved, state_shardings, say)
-        tokens_seen = saved["tokens_seen"] if saved else 0
-        start = int(state.step)
-        log = MetricsLog(run_dir, start if saved else None, t.tensorboard, enabled=primary)
 
-        n_params = count_params(state.params)
-        flops_per_token = matmul_flops_per_token(cfg)
-        peak_flops, peak_name = (hardware.flops_reference(cfg.dtype, t.flops_matmul_size, backend)
-                                 if t.flops_matmul_size else (None, None))
-        devices = f" on {mesh.size} devices (mesh {_mesh_shape(mesh)})" if mesh.size > 1 else ""
-        if config.data.sampling == "epochs":
-            say(f"Model: {n_params:,} parameters{devices}; {len(batches.starts)} training and "
-                  f"{len(data.window_starts(len(prepared.val), cfg.context_length, stride))} validation windows of "
-                  f"{cfg.context_length} tokens; {batches.steps_per_epoch} steps per epoch, {total_steps} in all")
-        else:
-            say(f"Model: {n_params:,} parameters{devices}; {len(prepared.train):,} training and {len(prepared.val):,} "
-                  f"validation tokens, random windows of {cfg.context_length}; {total_steps} steps")
-        if peak_flops:
-            say(f"Speed: {flops_per_token / 1e9:.3f} GFLOP per token (matmuls only), shown as a fraction of "
-                  f"{peak_name}, {peak_flops / 1e9:,.0f} GFLOP/s")
+def _rngs(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(the key of the initial weights, the dropout key every step folds its number into)."""
+    init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+    return init_rng, dropout_rng
 
-        summary_path = os.path.join(run_dir, "summary.json")
-        if start >= total_steps:
-            limit = "max_steps" if t.max_steps and t.max_steps <= total_steps else "num_epochs"
-            say(f"{run_dir} is already trained ({start} updates); raise --config.train.{limit} to train "
-                  "on, or start fresh with --config.train.resume=False")
-            if os.path.exists(summary_path):
-                with open(summary_path) as f:
-                    return json.load(f)
-            return {"run_dir": run_dir, "updates": start, "tokens_seen": tokens_seen}  # stopped, not finished
 
-        # One greedy sample of sample.prompt after each epoch (or every sample_every steps); none without a prompt.
-        wants_samples = (config.data.sampling == "epochs" and t.sample_every_epoch) or t.sample_every > 0
-        sample_prompt = config.sample.prompt if wants_samples else ""
-        if wants_samples and not sample_prompt:
+@dataclasses.dataclass
+class _Loop:
+    """The loop over steps, and what it keeps across them besides the state (passed in and out)."""
+
+    run: run_setup.Run
+    batches: data.BatchSource
+    checkpoints: Checkpointer
+    sampler: _Sampler
+    evaluator: Evaluator
+    meta: dict  # what every checkpoint of the run holds besides the step's own
+    tokens_seen: int = 0
+    compile_s: float = 0.0
+    startup_s: float = 0.0
+
+    def train(self, state: Any, tokens_seen: int, reporter: Reporter, stop: StopSignals) -> Any:
+        t, batches, total = self.run.config.train, self.batches, self.batches.total_steps
+        start, accum, where = int(state.step), t.grad_accum_steps, self.run.batch_sharding
+        rng = sharding.put(_rngs(t.seed)[1], sharding.replicated(self.run.mesh))
+        next_batch = batches.on_mesh(start, accum, where)
+        train_step = self._compile(state, next_batch, rng)
+        self.evaluator.begin(tokens_seen)
+        for step in range(start, total):
+            state, metrics = train_step(state, next_batch, rng)
+            tokens_seen += t.batch_size * self.run.cfg.context_length
+            if step + 1 < total:  # gathered while the device runs the step
+                next_batch = batches.on_mesh(step + 1, accum, where)
+            reporter.bar.update(1)
+            if step % t.eval_freq == 0 or step + 1 == total:  # and the final model's losses
+                reporter.evaluated(self.evaluator(state.params, metrics, step, batches.epoch_of(step), tokens_seen))
+            if (step + 1) % t.checkpoint_every == 0:
+                self._save(state, step + 1, tokens_seen)
+            stopping = stop.should_stop(step)  # every process asks at every step
+            if not stopping and self.sampler.due(step):
+                self.sampler(state.params, reporter)
+                self.evaluator.pause(tokens_seen)
+            if stopping and step + 1 < total:  # Ctrl-C or SIGTERM (on any process): save this step, stop
+                self._save(state, step + 1, tokens_seen)
+                distributed.barrier("saved")  # a process that left early would fail the others mid-save
+                raise _stopped(stop, self.checkpoints)
+        self._save(state, total, tokens_seen)
+        self.tokens_seen = tokens_seen
+        return state
+
+    def _compile(self, state: Any, batch: jax.Array, rng: jax.Array) -> Any:
+        train_step, self.compile_s = self.run.compile_train_step(state, batch, rng)
+        distributed.barrier("compiled")  # then every process's first step starts together
+        self.startup_s = time.time() - mygpt_jax.STARTED - self.compile_s
+        return train_step
+
+    def _save(self, state: Any, update: int, tokens_seen: int) -> None:
+        position = self.batches.position(update)
+        self.checkpoints.save_state(state, {"tokens_seen": tokens_seen, **self.meta, "data": {
+            **self.meta["data"], "position": None if position is None else list(position)}})
+
+
+def _stopped(stop: StopSignals, checkpoints: Checkpointer) -> Interrupted:
+    how = {None: "Stopped by a signal to a process of the run", "SIGINT": "Interrupted"}.get(
+        stop.requested, f"Stopped by {stop.requested}")
+    print(f"\n{how}: saved update {checkpoints.saved_step} to {checkpoints.run_dir}; rerun the same command to "
+          "resume.", file=sys.stderr)
+    return Interrupted()
+
+
+class _Sampler:
+    """One greedy sample of sample.prompt after each epoch (or every sample_every steps); none without a prompt."""
+
+    def __init__(self, config: ml_collections.ConfigDict, run: run_setup.Run, batches: data.BatchSource, say: Any):
+        t = config.train
+        self.every_epoch, self.every, self.batches = t.sample_every_epoch, t.sample_every, batches
+        wanted = (t.sample_every_epoch and batches.epoch_of(0) is not None) or t.sample_every > 0
+        self.prompt, self.seed = config.sample.prompt if wanted else "", config.sample.seed
+        if wanted and not self.prompt:
             say("No samples during training: --config.sample.prompt is empty")
         settings = dataclasses.replace(SamplingSettings.from_config(config.sample), num_samples=1)
-        generator = Generator(dataclasses.replace(cfg, drop_rate=0.0), None, settings, backend)
+        self.generator = Generator(dataclasses.replace(run.cfg, drop_rate=0.0), None, settings, run.model.backend)
 
-        eval_step = steps.jit_eval_step(model)
-        next_batch = _step_batch(batches, start, t.grad_accum_steps, batch_sharding)
-        compile_start = time.time()
-        train_step = steps.jit_train_step(model, tx, t.grad_accum_steps, state_shardings=state_shardings,
-                                          batch_sharding=batch_sharding).lower(state, next_batch, dropout_rng).compile()
-        compile_s = time.time() - compile_start
-        distributed.barrier("compiled")  # then every process's first step starts together
-        startup_s = time.time() - mygpt_jax.STARTED - compile_s
+    def due(self, step: int) -> bool:
+        return bool(self.prompt) and ((self.every_epoch and self.batches.ends_epoch(step))
+                                      or (self.every > 0 and (step + 1) % self.every == 0))
 
-        saved_step = saved["step"] if saved else None
-        epochs = config.data.sampling == "epochs"
-        data_meta = {"fingerprint": prepared.fingerprint, "folder": prepared.folder}
-        run_meta = {"rng": np.asarray(jax.random.key_data(dropout_rng)).tolist(), "config": config.to_dict()}
-        evaluator = Evaluator(eval_step, eval_sets, cfg.context_length, t.batch_size, micro_batch, mesh,
-                              flops_per_token, peak_flops, lr, tokens_seen, log.records)
-        bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, disable=None if primary else True,
-                   file=sys.stderr)
+    def __call__(self, params: Any, reporter: Reporter) -> None:
+        distributed.barrier("sample")
+        self.generator.params = params
+        try:
+            (ids,), _ = self.generator.generate(encode(self.prompt), jax.random.key(self.seed))
+        finally:
+            self.generator.params = None  # its copy of the weights is not needed until the next sample
+        reporter.write((self.prompt + decode(ids)).replace("\n", " "))
 
-        with preemption.StopSignals() as stop:
-            for step in range(start, total_steps):
-                state, metrics = train_step(state, next_batch, dropout_rng)
-                tokens_seen += t.batch_size * cfg.context_length
-                if step + 1 < total_steps:  # gathered while the device runs the step
-                    next_batch = _step_batch(batches, step + 1, t.grad_accum_steps, batch_sharding)
-                bar.update(1)
-                epoch = batches.position(step).epoch + 1 if epochs else None
-                position = {"position": list(batches.position(step + 1)) if epochs else None}
 
-                if step % t.eval_freq == 0:
-                    _log(evaluator(state.params, metrics, step, epoch, tokens_seen), log, bar, saved_step, t)
-                if (step + 1) % t.checkpoint_every == 0:
-                    saved_step = _save(run_dir, state, saved_step, t, {
-                        "tokens_seen": tokens_seen, **run_meta, "data": {**data_meta, **position}})
-                stopping = stop.should_stop(step)  # every process asks at every step
-                if sample_prompt and not stopping and (
-                        (epochs and t.sample_every_epoch and batches.ends_epoch(step))
-                        or (t.sample_every and (step + 1) % t.sample_every == 0)):
-                    distributed.barrier("sample")
-                    generator.params = state.params
-                    (ids,), _ = generator.generate(encode(sample_prompt), jax.random.key(config.sample.seed))
-                    if primary:
-                        bar.write((sample_prompt + decode(ids)).replace("\n", " "))
-                    generator.params = None  # its copy of the weights is not needed until the next sample
-                    evaluator.pause(tokens_seen)
-                if stopping and step + 1 < total_steps:  # Ctrl-C or SIGTERM (on any process): save this step, stop
-                    saved_step = _save(run_dir, state, saved_step, t, {
-                        "tokens_seen": tokens_seen, **run_meta, "data": {**data_meta, **position}})
-                    distributed.barrier("saved")  # a process that left early would fail the others mid-save
-                    bar.close()
-                    log.close()
-                    how = {None: "Stopped by a signal to a process of the run", "SIGINT": "Interrupted"}.get(
-                        stop.requested, f"Stopped by {stop.requested}")
-                    print(f"\n{how}: saved update {saved_step} to {run_dir}; rerun the same command to resume.",
-                          file=sys.stderr)
-                    raise Interrupted
+def _header(run: run_setup.Run, state: Any, batches: data.BatchSource, prepared: corpus.Corpus,
+            saved: dict | None, say: Any) -> Evaluator:
+    """Say what is trained, and make the evaluator of the same windows every time."""
+    t, mesh = run.config.train, run.mesh
+    n_params, flops_per_token = count_params(state.params), matmul_flops_per_token(run.cfg)
+    peak_flops, peak_name = (hardware.flops_reference(run.cfg.dtype, t.flops_matmul_size, run.model.backend)
+                             if t.flops_matmul_size else (None, None))
+    devices = f" on {mesh.size} devices (mesh {' x '.join(f'{a} {n}' for a, n in mesh.shape.items())})" \
+        if mesh.size > 1 else ""
+    say(f"Model: {n_params:,} parameters{devices}; {batches.describe(len(prepared.val))}")
+    if peak_flops:
+        say(f"Speed: {flops_per_token / 1e9:.3f} GFLOP per token (matmuls only), shown as a fraction of "
+            f"{peak_name}, {peak_flops / 1e9:,.0f} GFLOP/s")
+    eval_sets = {split: (tokens, data.scored_windows(run.config, tokens, run.cfg.context_length))
+                 for split, tokens in (("train", prepared.train), ("val", prepared.val))}
+    return Evaluator(run.eval_step(), eval_sets, run.cfg.context_length, run.micro_batch, mesh, flops_per_token,
+                     peak_flops, run.learning_rate, saved["tokens_seen"] if saved else 0)
 
-            if log.records[-1:] and log.records[-1]["update"] != step + 1:  # the final model's losses, too
-                _log(evaluator(state.params, metrics, step, epoch, tokens_seen), log, bar, saved_step, t)
-            saved_step = _save(run_dir, state, saved_step, t, {
-                "tokens_seen": tokens_seen, **run_meta, "data": {**data_meta, **position}})
-        bar.close()
-        log.close()
 
-        wall_s = time.time() - evaluator.start_time
-        summary = {"run_dir": run_dir, "num_params": n_params, "updates": int(state.step), "tokens_seen": tokens_seen,
-                   "wall_s": wall_s, "startup_s": startup_s, "compile_s": compile_s,
-                   "data": {"folder": prepared.folder, "fingerprint": prepared.fingerprint}}
-        records = log.records
-        if records and primary:
-            summary.update(final_train_loss=records[-1]["train_loss"], final_val_loss=records[-1]["val_loss"],
-                           best_val_loss=min(r["val_loss"] for r in records),
-                           tokens_per_s=float(np.mean([r["tokens_per_s"] for r in records[1:]] or
-                                                      [records[0]["tokens_per_s"]])))
-            plot_losses(records, os.path.join(run_dir, "loss.png"))
-        if primary:
-            with open(summary_path, "w") as f:
-                json.dump(summary, f, indent=2)
-        say(f"Training finished in {wall_s / 60:.2f} minutes ({tokens_seen:,} tokens seen); "
-              f"checkpoint, metrics.jsonl and loss.png in {run_dir}")
-        return summary
+def _say_resumed(config: ml_collections.ConfigDict, saved: dict | None, batches: data.BatchSource, say: Any) -> None:
+    if saved is None:
+        return
+    position = batches.position(saved["step"])
+    where = f" (epoch {position.epoch + 1}, batch {position.windows_done // config.train.batch_size})" \
+        if position else ""
+    say(f"Resuming {run_folder(config)} from update {saved['step']}{where}")
+    changed = [c for c in changed_settings(saved["config"], config, within=("model", "data", "train"))
+               if not c.startswith("train.resume")]
+    if changed:
+        say(f"Settings changed since that checkpoint: {'; '.join(changed)}")
+
+
+def _already_trained(config: ml_collections.ConfigDict, run_dir: str, updates: int, total_steps: int,
+                     saved: dict, say: Any) -> dict:
+    t = config.train
+    limit = "max_steps" if t.max_steps and t.max_steps <= total_steps else "num_epochs"
+    say(f"{run_dir} is already trained ({updates} updates); raise --config.train.{limit} to train on, or start "
+        "fresh with --config.train.resume=False (the run is moved into previous/)")
+    summary_path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            return json.load(f)
+    return {"run_dir": run_dir, "updates": updates, "tokens_seen": saved["tokens_seen"]}  # stopped, not finished
+
+
+def _summarise(config: ml_collections.ConfigDict, run_dir: str, state: Any, loop: _Loop, records: list[dict],
+               prepared: corpus.Corpus, say: Any) -> dict:
+    """Write summary.json and loss.png (the first process) and say where they are."""
+    wall_s = time.time() - loop.evaluator.start_time
+    summary = {"run_dir": run_dir, "num_params": count_params(state.params), "updates": int(state.step),
+               "tokens_seen": loop.tokens_seen, "wall_s": wall_s, "startup_s": loop.startup_s,
+               "compile_s": loop.compile_s, "data": {"folder": prepared.folder, "fingerprint": prepared.fingerprint}}
+    primary = distributed.is_primary()
+    if records and primary:
+        summary.update(final_train_loss=records[-1]["train_loss"], final_val_loss=records[-1]["val_loss"],
+                       best_val_loss=min(r["val_loss"] for r in records),
+                       tokens_per_s=float(np.mean([r["tokens_per_s"] for r in records[1:]] or
+                                                  [records[0]["tokens_per_s"]])))
+        plot_losses(records, os.path.join(run_dir, "loss.png"))
+    if primary:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    say(f"Training finished in {wall_s / 60:.2f} minutes ({loop.tokens_seen:,} tokens seen); "
+        f"checkpoint, metrics.jsonl and loss.png in {run_dir}")
+    return summary
 
 
 def _make_run_dir(config: ml_collections.ConfigDict) -> str:
@@ -211,44 +241,8 @@ def _make_run_dir(config: ml_collections.ConfigDict) -> str:
     return run_dir
 
 
-def _step_batch(batches: Any, step: int, grad_accum_steps: int, batch_sharding: Any) -> jax.Array:
-    """The batch of `step` as (micro-batches, rows, tokens) on the mesh; this process gathers only its rows."""
-    starts = batches.starts_of(step).reshape(grad_accum_steps, -1)
-    return sharding.device_batch(batches.tokens, starts, batches.context_length, batch_sharding)
-
-
 def _quiet(*args: Any, **kwargs: Any) -> None:
     """`print` for every process of a run but the first."""
-
-
-def _mesh_shape(mesh: Any) -> str:
-    return " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
-
-
-# The model keys that shape the parameters: a checkpoint made with other values cannot be restored.
-_MODEL_SHAPE = tuple(f"model.{k}" for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
-                                            "qkv_bias", "tie_embeddings", "vocab_multiple"))
-
-
-def _checkpoint_to_resume(config: ml_collections.ConfigDict, run_dir: str, say: Any) -> dict | None:
-    """The meta of the checkpoint to resume from (None: start afresh, deleting the checkpoints of an earlier run
-    when train.resume is False); a checkpoint of another model is a UserError."""
-    step = checkpoint.latest_step(run_dir)
-    if step is not None and not config.train.resume:
-        distributed.barrier("found")  # every process has seen the checkpoints before the first deletes them
-        if distributed.is_primary():
-            checkpoint.delete_all(run_dir)
-        distributed.barrier("deleted")
-        say(f"Starting fresh (--config.train.resume=False): removed the checkpoints in {run_dir}")
-        return None
-    if step is None:
-        return None
-    meta = checkpoint.restore_meta(run_dir, step)
-    diff = changed_settings(meta["config"], config, within=_MODEL_SHAPE)
-    if diff:
-        raise UserError(f"the checkpoint in {run_dir} was trained with another model ({'; '.join(diff)}); "
-                        "use another --config.run_name or start fresh with --config.train.resume=False")
-    return meta
 
 
 def _prepared_corpus(config: ml_collections.ConfigDict, saved: dict | None, say: Any) -> corpus.Corpus:
@@ -278,101 +272,6 @@ def _prepared_corpus(config: ml_collections.ConfigDict, saved: dict | None, say:
     if trained_on and prepared.fingerprint != trained_on:
         say(f"Training on the changed corpus in {status.folder} (--config.data.allow_changes=True)")
     return prepared
-
-
-def _epoch_anchor(saved: dict | None) -> tuple[int, int, int]:
-    """(step, epoch, windows done in it) where a resumed checkpoint left the epochs; a checkpoint from before
-    corpora counted the epoch's position in batches of its own batch size."""
-    if saved is None:
-        return 0, 0, 0
-    if saved.get("format", 1) == 1:
-        return saved["step"], saved["epoch"], saved["batch_in_epoch"] * saved["config"]["train"]["batch_size"]
-    position = saved["data"].get("position")
-    return (saved["step"], *position) if position else (0, 0, 0)
-
-
-def _pretrained_params(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Any:
-    """GPT-2's weights (--config.init_from) for `cfg`: the context cropped, the vocabulary padded."""
-    from mygpt_jax.pretrained.load import load_pretrained  # only fine-tuning needs it
-
-    pretrained_cfg, params = load_pretrained(config, config.init_from)
-    fields = ("vocab_size", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings")
-    mismatched = [f"model.{f}={getattr(cfg, f)} (checkpoint: {getattr(pretrained_cfg, f)})"
-                  for f in fields if getattr(cfg, f) != getattr(pretrained_cfg, f)]
-    if mismatched or cfg.context_length > pretrained_cfg.context_length:
-        raise UserError(f"--config.init_from={config.init_from} does not fit this model: "
-                        f"{', '.join(mismatched) or f'context_length {cfg.context_length}'}; set the model "
-                        f"keys as in configs/{config.init_from.lower()}.py")
-    params["wpe"]["embedding"] = params["wpe"]["embedding"][:cfg.context_length]  # shorter context: crop
-    return pad_vocab(cfg, params)
-
-
-def _initial_state(config: ml_collections.ConfigDict, cfg: ModelConfig, tx: Any, init_rng: jax.Array,
-                   run_dir: str, saved: dict | None, shardings: steps.TrainState, say: Any) -> steps.TrainState:
-    """A fresh state, made where its shardings say (never whole on one device first), or the checkpoint's,
-    restored onto them whatever mesh saved it; says what was resumed and which settings changed since."""
-
-    if saved is None:
-        if config.init_from:
-            params = sharding.put(_pretrained_params(config, cfg), shardings.params)
-            return jax.jit(lambda p: steps.new_state(p, tx), out_shardings=shardings)(params)
-        return steps.init_state(cfg, tx, init_rng, shardings)
-    changed = changed_settings(saved["config"], config, within=("model", "data", "train"))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.eval_shape(lambda: steps.new_state(init_params(cfg, init_rng), tx)), shardings)
-    try:
-        params, opt_state = checkpoint.restore_train_state(run_dir, abstract.params, abstract.opt_state,
-                                                           saved["step"])
-    except UserError as e:
-        if not changed:
-            raise
-        raise UserError(f"the checkpoint in {run_dir} does not fit settings changed since it was saved "
-                        f"({'; '.join(changed[:3])}); rerun with its settings, use another --config.run_name "
-                        "or start fresh with --config.train.resume=False") from e
-    where = ""
-    if config.data.sampling == "epochs":
-        _, epoch, windows = _epoch_anchor(saved)
-        where = f" (epoch {epoch + 1}, batch {windows // config.train.batch_size})"
-    say(f"Resuming {run_dir} from update {saved['step']}{where}")
-    if changed:
-        say(f"Settings changed since that checkpoint: {'; '.join(changed)}")
-    step = sharding.put(jnp.int32(saved["step"]), shardings.step)
-    return steps.TrainState(step, params, opt_state)
-
-
-def _log(record: dict, log: MetricsLog, bar: tqdm, saved_step: int | None, t: ml_collections.ConfigDict) -> None:
-    """Log an evaluation and print the seed's line; a loss that is not finite stops the run, unsaved (resuming
-    keeps the last good state)."""
-    if not np.isfinite([record["batch_loss"], record["train_loss"], record["val_loss"]]).all():
-        raise _diverged(f"the loss is {record['train_loss']} at update {record['update']}", saved_step, t)
-    log.append(record)
-    if not log.enabled:  # a process of a run but its first
-        return
-    fraction = {} if record["flops_fraction"] is None else {"flops": f"{record['flops_fraction']:.2f}"}
-    bar.set_postfix(tok_s=f"{record['tokens_per_s']:.0f}", loss=f"{record['train_loss']:.3f}", **fraction)
-    where = f"Ep {record['epoch']} (Step {record['step']:06d})" if record["epoch"] else f"Step {record['step']:06d}"
-    bar.write(f"{where}: Train loss {record['train_loss']:.3f}, Val loss {record['val_loss']:.3f}")
-
-
-def _diverged(what: str, saved_step: int | None, t: ml_collections.ConfigDict) -> UserError:
-    kept = (f"the checkpoint of update {saved_step} is kept; it may have begun to diverge too: "
-            "--config.train.resume=False starts over" if saved_step else "nothing was saved")
-    return UserError(f"{what}: training diverged ({kept}); lower --config.train.learning_rate (now "
-                     f"{t.learning_rate:g}) or clip the gradients (--config.train.grad_clip=1.0)")
-
-
-def _save(run_dir: str, state: steps.TrainState, saved_step: int | None, t: ml_collections.ConfigDict,
-          meta: dict) -> int:
-    """Checkpoint the current update with `meta` and return its number, unless it is already saved (a stop right
-    after a periodic save) or has diverged (a checkpoint is only ever a state to resume from)."""
-    step = int(state.step)
-    if step == saved_step:
-        return step
-    if not steps.all_finite(state.params):
-        raise _diverged(f"the parameters are not finite at update {step}", saved_step, t)
-    checkpoint.save(run_dir, step, state.params, {"format": META_FORMAT, "step": step, **meta}, state.opt_state,
-                    t.max_to_keep)
-    return step
 
 
 def main(config: ml_collections.ConfigDict) -> None:

@@ -35,20 +35,24 @@ def load_model(config: ml_collections.ConfigDict, mesh: Any = None) -> tuple[Mod
         return cfg, params
 
     directory = run_folder(config)
-    step = checkpoint.latest_step(directory)
-    if step is None:
+    start = time.time()
+
+    def abstract_for(meta: dict) -> Any:  # the params' shapes (and layout on the mesh) of a checkpoint's model
+        cfg = _for_inference(ModelConfig.from_config(ml_collections.ConfigDict(meta["config"]).model), config)
+        abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+        if mesh is not None:
+            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                                    sharding.logical_shardings(logical_axes(cfg), mesh))
+        return abstract
+
+    try:
+        step, meta, params = checkpoint.read_newest(directory, abstract_for, lambda line: print(line, file=sys.stderr))
+    except checkpoint.NoCheckpoint:
         from mygpt_jax.cli import config_path
 
         raise UserError(f"no checkpoint in {directory}; create it with: python -m mygpt_jax.train --config "
                         f"{config_path()}" + (f" --config.run_name={config.run_name}"
-                                              if config.run_name not in config_path() else ""))
-    start = time.time()
-    saved = ml_collections.ConfigDict(checkpoint.restore_meta(directory, step)["config"])
-    cfg = _for_inference(ModelConfig.from_config(saved.model), config)
-    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    if mesh is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-                                sharding.logical_shardings(logical_axes(cfg), mesh))
-    params, _ = checkpoint.restore_params(directory, abstract, step)
+                                              if config.run_name not in config_path() else "")) from None
+    cfg = _for_inference(ModelConfig.from_config(ml_collections.ConfigDict(meta["config"]).model), config)
     print(f"loaded {directory} (update {step}) in {time.time() - start:.1f} s", file=sys.stderr)
     return cfg, params

@@ -1,10 +1,13 @@
 """Shared fixtures: a real HTTP server on 127.0.0.1 that serves a GPT-2 model folder in OpenAI's layout or
-the Hugging Face Hub's."""
+the Hugging Face Hub's; a tiny trained run made once for the whole suite (`tiny_run`)."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -149,3 +152,23 @@ def http_server() -> Iterator[Callable[..., Server]]:
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(checkpoint_dir, the train command's result) of configs/tiny.py trained with TINY_RUN, made once for the
+    whole suite: xdist workers share it through a file lock in their session's common folder. Tests read it;
+    a test that changes a run copies it first."""
+    from tests.utils import TINY_RUN, run_cli
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny_run"
+    root.mkdir(exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "result.json").exists():
+            result = run_cli("train", f"--config.checkpoint_dir={root / 'ckpt'}", *TINY_RUN)
+            assert result.returncode == 0, result.stderr
+            (root / "result.json").write_text(json.dumps([result.args, result.stdout, result.stderr]))
+    args, stdout, stderr = json.loads((root / "result.json").read_text())
+    return root / "ckpt", subprocess.CompletedProcess(args, 0, stdout, stderr)

@@ -73,3 +73,28 @@ def test_file_not_utf8(tmp_path):
 def test_a_split_shorter_than_a_window_is_one_line():
     with pytest.raises(UserError, match="the validation split of x has 5 tokens, fewer than one window"):
         data.check_split("validation", 5, 256, "x")
+
+
+def test_both_batch_sources_answer_the_loops_questions():
+    from mygpt_jax import sharding
+    from mygpt_jax.config import base_config
+
+    tokens = np.arange(200, dtype=np.uint16)
+    epochs = data.EpochBatches(tokens, 8, 8, batch_size=4, seed=0, num_epochs=2, max_steps=0)  # 24 windows
+    random = data.RandomBatches(tokens, 8, batch_size=4, seed=0, max_steps=5)
+    assert (epochs.total_steps, random.total_steps) == (12, 5)
+    assert [epochs.ends_epoch(s) for s in range(12)] == [s == 5 or s == 11 for s in range(12)]
+    assert not any(random.ends_epoch(s) for s in range(5)) and random.position(3) is None
+    assert (epochs.epoch_of(6), tuple(epochs.position(7)), random.epoch_of(3)) == (2, (1, 4), None)
+    assert "6 steps per epoch, 12 in all" in epochs.describe(50) and "5 steps" in random.describe(50)
+    mesh = sharding.make_mesh(base_config().mesh)
+    for source in (epochs, random):  # the batch on the mesh is the host's batch, as (micro-batches, rows, tokens)
+        on_mesh = np.asarray(source.on_mesh(3, 2, sharding.batch_sharding(mesh)))
+        np.testing.assert_array_equal(on_mesh, source.batch(3).reshape(2, 2, 9))
+    capped = data.EpochBatches(tokens, 8, 8, batch_size=4, seed=0, num_epochs=2, max_steps=7)
+    assert capped.total_steps == 7
+
+
+def test_a_training_split_smaller_than_a_batch_is_one_line():
+    with pytest.raises(UserError, match=r"fewer than one batch of --config\.train\.batch_size=8"):
+        data.EpochBatches(np.arange(40), 8, 8, batch_size=8, seed=0)

@@ -175,10 +175,9 @@ def _load_openai(size: str, folder: Path, cache: Path, start: float) -> tuple[Mo
 
 def _cache_matches(cache: Path, meta: dict) -> bool:
     """True if `cache` holds a conversion of the weights that `meta` describes."""
-    if checkpoint.latest_step(str(cache)) is None:
-        return False
     try:
-        return checkpoint.restore_meta(str(cache)) == meta
+        with checkpoint.Checkpointer(str(cache), read_only=True) as cached:
+            return cached.latest() is not None and cached.read_meta(cached.latest()) == meta
     except UserError as e:
         raise _corrupt(cache) from e
 
@@ -186,7 +185,8 @@ def _cache_matches(cache: Path, meta: dict) -> bool:
 def _restore(cache: Path, cfg: ModelConfig) -> Any:
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     try:
-        return checkpoint.restore_params(str(cache), abstract)[0]
+        with checkpoint.Checkpointer(str(cache), read_only=True) as cached:
+            return cached.restore_params(cached.latest(), abstract)
     except UserError as e:
         raise _corrupt(cache) from e
 
