@@ -40,28 +40,35 @@ def every_token(ids: np.ndarray, context_length: int) -> tuple[np.ndarray, np.nd
     return padded, starts, np.minimum(context_length, n_targets - starts)
 
 
-def _what_to_score(config: ml_collections.ConfigDict, context_length: int
-                   ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(what it is, tokens, window starts, targets per window or None for whole windows)."""
+def _tokens(config: ml_collections.ConfigDict) -> tuple[str, np.ndarray]:
+    """(what it is, its tokens): the text file, or the split of the config's corpus (prepared first if it is not
+    yet). Read before the model loads, so that a wrong path is named before anything else."""
     if not config.eval.split:
         path = config.eval.text_file or data.default_text_path()
-        return (path, *every_token(np.asarray(encode(data.load_text(path, key="eval.text_file"))), context_length))
-    spec, status = corpus.check(config.data, config.checkpoint_dir)  # prepared first if it is not yet
+        return path, np.asarray(encode(data.load_text(path, key="eval.text_file")))
+    spec, status = corpus.check(config.data, config.checkpoint_dir)
     prepared = prepare.ready_corpus(spec, status, config.data.workers)
-    name, tokens = f"{prepared.folder} ({config.eval.split})", getattr(prepared, config.eval.split)
-    if config.eval.all_tokens:
-        return (name, *every_token(tokens, context_length))
+    return f"{prepared.folder} ({config.eval.split})", getattr(prepared, config.eval.split)
+
+
+def _windows(config: ml_collections.ConfigDict, name: str, tokens: np.ndarray, context_length: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(tokens, window starts, targets per window or None for whole windows): a text file's every token once, a
+    split's the windows training scores (every token with eval.all_tokens)."""
+    if not config.eval.split or config.eval.all_tokens:
+        return every_token(tokens, context_length)
     starts = data.scored_windows(config, tokens, context_length)
     if not len(starts):
-        raise UserError(f"the {config.eval.split} split of {prepared.folder} has no window of {context_length + 1} "
-                        "tokens; score every token with --config.eval.all_tokens=True")
-    return name, tokens, starts, None
+        raise UserError(f"{name} has no window of {context_length + 1} tokens; score every token with "
+                        "--config.eval.all_tokens=True")
+    return tokens, starts, None
 
 
 def main(config: ml_collections.ConfigDict) -> None:
+    path, ids = _tokens(config)
     mesh = sharding.make_mesh(config.mesh)
     cfg, params = load_model(config, mesh)
-    path, tokens, starts, targets = _what_to_score(config, cfg.context_length)
+    tokens, starts, targets = _windows(config, path, ids, cfg.context_length)
     loss_sum: Any = steps.jit_eval_step(GPT(cfg, backends.current()))
     count, loss = window_loss(loss_sum, params, tokens, starts, cfg.context_length, config.eval.batch_size, mesh,
                               targets, progress=True)
