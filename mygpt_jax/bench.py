@@ -92,7 +92,8 @@ def machine_limits(backend: Backend) -> dict[str, float]:
 def weight_bytes_per_token(cfg: ModelConfig, params: Any) -> int:
     """Bytes of weights one decoding step reads: all but the embedding tables (one row of each is read),
     except that a tied LM head reads all of wte."""
-    tables = params["wpe"]["embedding"].nbytes + (0 if cfg.tie_embeddings else params["wte"]["embedding"].nbytes)
+    positions = params["wpe"]["embedding"].nbytes if "wpe" in params else 0  # none with rotary positions
+    tables = positions + (0 if cfg.tie_embeddings else params["wte"]["embedding"].nbytes)
     return sum(p.nbytes for p in jax.tree_util.tree_leaves(params)) - tables
 
 

@@ -11,6 +11,7 @@ are the bundled encoder.json and vocab.bpe).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import ml_collections
 from safetensors.numpy import save_file
 
 from mygpt_jax import tokenizer
+from mygpt_jax.config import gpt2_lacks
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig
 from mygpt_jax.pretrained import hub
@@ -33,6 +35,7 @@ TOKENIZER_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}  # t
 def export(folder: str | os.PathLike, cfg: ModelConfig, params: dict, config: ml_collections.ConfigDict) -> Path:
     """Write `params` of architecture `cfg` into `folder` as a transformers model; `config` gives its dropout and
     sampling settings. The weights are written to a .part file first, so a model.safetensors is always whole."""
+    cfg = gpt2_shaped(cfg)
     tensors = hub.to_hub(cfg, jax.device_get(params))  # checks first that GPT2LMHeadModel can express `cfg`
     folder = Path(folder)
     try:
@@ -53,6 +56,17 @@ def export(folder: str | os.PathLike, cfg: ModelConfig, params: dict, config: ml
     except OSError as e:
         raise UserError(f"could not write the model into {folder} ({e}); choose another --config.export.dir") from e
     return folder
+
+
+def gpt2_shaped(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with the modern switches that leave a model GPT-2-shaped (an init, an unused rotary base, as many
+    key/value heads as heads) at GPT-2's values; a switch GPT-2 lacks is a UserError naming every such setting."""
+    lacks = gpt2_lacks(cfg)
+    if lacks:
+        raise UserError(f"transformers' GPT-2 has no {', '.join(lacks)}; export writes GPT-2-shaped models only "
+                        "(docs/modern.md)")
+    defaults = ModelConfig()
+    return dataclasses.replace(cfg, zero_init_proj=False, rope_base=defaults.rope_base, n_kv_heads=0)
 
 
 def _generation_config(sample: ml_collections.ConfigDict) -> dict:
