@@ -98,7 +98,18 @@ def state_shardings(cfg: ModelConfig, mesh: Mesh, tx: Any) -> TrainState:
     their logical-axis boxes, so its moments keep the parameters' names; step counts are replicated."""
     abstract = jax.eval_shape(lambda boxed: TrainState(jnp.zeros((), jnp.int32), boxed, tx.init(boxed)),
                               boxed_params(cfg))
+    # A transformation of some leaves only (Muon's and AdamW's groups: optax.masked) boxes a placeholder, no array,
+    # where the other leaves are: the placeholder alone, as the unboxed state has it.
+    abstract = jax.tree.map(lambda x: x.unbox() if _boxes_nothing(x) else x, abstract, is_leaf=_is_box)
     return logical_shardings(nn.get_partition_spec(abstract), mesh)
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _boxes_nothing(x: Any) -> bool:
+    return _is_box(x) and not jax.tree_util.tree_leaves(x.unbox())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
