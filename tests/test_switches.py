@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -20,7 +24,8 @@ from mygpt_jax.errors import UserError
 from mygpt_jax.export import export, gpt2_shaped
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.model import GPT, KVCache, ModelConfig, count_params, init_cache, init_params, matmul_flops_per_token
-from tests.test_sharding import Shape
+from tests.test_sharding import Shape, devices_env
+from tests.utils import REPO
 
 # 500 tokens padded to 512: soft-capping must leave the padding rows at -inf.
 BASE = ModelConfig(vocab_size=500, vocab_multiple=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
@@ -259,3 +264,73 @@ def test_export_names_every_setting_gpt2_lacks(tmp_path):
     assert not (tmp_path / "out").exists()
     # Switches that leave the model GPT-2-shaped (an init, as many key/value heads as heads) are no obstacle.
     assert gpt2_shaped(cfg_of(zero_init_proj=True, n_kv_heads=4)) == BASE
+
+
+MESHES = [(1, 4, 1), (2, 1, 2), (1, 2, 2)]  # (data, fsdp, tensor)
+
+
+def modern_sharded_steps() -> dict:
+    """Two Muon steps of a model with every switch on (dropout too), on one device and on each mesh of MESHES, made
+    and run as the trainer does; run in a child with 4 CPU devices."""
+    from mygpt_jax import steps
+
+    cfg = dataclasses.replace(BASE, **ALL, drop_rate=0.1)
+    t = tiny.get_config().train
+    t.optimizer, t.warmup_steps, t.grad_clip = "muon", 1, 1.0
+    tx = steps.create_optimizer(t, total_steps=2)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 4000).astype(np.uint16)
+    starts = np.arange(8).reshape(2, 4) * 20  # 2 micro-batches of 4 windows
+
+    def two_steps(mesh):
+        model = GPT(cfg, BACKEND, sharding.activation_constraint(mesh))
+        shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
+        state = steps.init_state(cfg, tx, jax.random.key(0), shardings)
+        step = steps.jit_train_step(model, tx, 2, state_shardings=shardings, batch_sharding=batch_sharding)
+        losses = []
+        for i in range(2):
+            batch = sharding.device_batch(tokens, starts + i, cfg.context_length, batch_sharding)
+            state, metrics = step(state, batch, jax.device_put(jax.random.key(1), sharding.replicated(mesh)))
+            losses.append(float(metrics["loss"]))
+        momentum = {jax.tree_util.keystr(path): list(leaf.addressable_shards[0].data.shape)
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+                    if "'muon'" in jax.tree_util.keystr(path) and ".mu" in jax.tree_util.keystr(path)}
+        return losses, state, momentum
+
+    reference, ref_state, _ = two_steps(sharding.make_mesh(ml_collections.ConfigDict(
+        {"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1]))
+    ref_leaves = jax.tree_util.tree_leaves(jax.device_get(ref_state))
+    out = {"devices": jax.device_count(), "single": reference}
+    for shape in MESHES:
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), shape, strict=True))))
+        losses, state, momentum = two_steps(mesh)
+        leaves = jax.tree_util.tree_leaves(jax.device_get(state))
+        out[str(shape)] = {"losses": losses, "momentum": momentum,
+                           "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(leaves, ref_leaves, strict=True))}
+    return out
+
+
+@pytest.fixture(scope="module")
+def on_four_devices():
+    code = ("import json; from tests.test_switches import modern_sharded_steps; "
+            "print(json.dumps(modern_sharded_steps()))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=devices_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("shape", [str(s) for s in MESHES])
+def test_a_step_with_every_switch_and_muon_on_a_mesh_computes_the_single_device_step(on_four_devices, shape):
+    out = on_four_devices
+    assert out["devices"] == 4 and out["single"][1] < out["single"][0]  # it trains
+    np.testing.assert_allclose(out[shape]["losses"], out["single"], rtol=1e-5)
+    assert out[shape]["max_diff"] < 1e-5
+
+
+def test_muons_momentum_is_split_as_its_parameter(on_four_devices):
+    fsdp, tensor = on_four_devices["(1, 4, 1)"]["momentum"], on_four_devices["(1, 2, 2)"]["momentum"]
+    c_fc = next(k for k in fsdp if "c_fc" in k)
+    q, k = (next(key for key in fsdp if "c_attn" in key and f"['{b}']" in key) for b in "qk")
+    assert fsdp[c_fc] == [8, 88] and tensor[c_fc] == [16, 44]  # (embed / fsdp, mlp / tensor): SwiGLU's 88 units
+    assert fsdp[q] == [8, 32] and fsdp[k] == [8, 16]  # the q and k blocks: 4 and 2 heads of 8
+    assert tensor[q] == [16, 16] and tensor[k] == [16, 8]
