@@ -276,6 +276,12 @@ MODEL_SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_lay
                     "vocab_multiple", "position", "norm", "norm_scale", "mlp", "n_kv_heads", "bias")
 
 
+# The switches of the modern recipe (docs/modern.md) at GPT-2's values: the bench's and the sweep's baseline.
+GPT2_SWITCHES = {"model.position": "learned", "model.norm": "layernorm", "model.norm_scale": True,
+                 "model.qk_norm": False, "model.mlp": "gelu", "model.n_kv_heads": 0, "model.bias": True,
+                 "model.logit_softcap": 0.0, "model.zero_init_proj": False, "train.optimizer": "adamw"}
+
+
 def _check_model_switches(c: ml_collections.ConfigDict) -> None:
     """The switches of the modern recipe (docs/modern.md) and Muon's keys: one line naming the keys at fault."""
     m, t = c.model, c.train
@@ -310,8 +316,8 @@ def gpt2_lacks(m: Any) -> list[str]:
     """The settings of a model (a config's `model` or a ModelConfig) that transformers' GPT-2 cannot express:
     "model.key=value" for each switch away from GPT-2's value."""
     get = m.get if isinstance(m, ml_collections.ConfigDict) else lambda key: getattr(m, key)
-    gpt2 = {"position": "learned", "norm": "layernorm", "norm_scale": True, "qk_norm": False, "mlp": "gelu",
-            "bias": True, "logit_softcap": 0.0}
+    gpt2 = {key.removeprefix("model."): value for key, value in GPT2_SWITCHES.items()
+            if key.startswith("model.") and key not in ("model.n_kv_heads", "model.zero_init_proj")}
     lacks = [f"model.{key}={get(key)!r}" for key, value in gpt2.items() if get(key) != value]
     if get("n_kv_heads") not in (0, get("n_heads")):
         lacks.append(f"model.n_kv_heads={get('n_kv_heads')!r}")

@@ -1,0 +1,37 @@
+"""GPT-2 124M's size from scratch with the modern recipe (docs/modern.md), beside configs/gpt2_124m_pretrain.py.
+
+python -m mygpt_jax.prepare --config configs/gpt2_124m_modern_pretrain.py --config.data.path=/data/fineweb   # once
+python -m mygpt_jax.train --config configs/gpt2_124m_modern_pretrain.py --config.data.path=/data/fineweb
+
+For a GPU: configs/gpt2_124m_pretrain.py's width, depth, context, batch and schedule (its docstring), with rotary
+positions, RMSNorm, QK-norm, a ReLU² MLP, no biases, zero-initialised output projections, logits soft-capped at
+15, the vocabulary padded to 50304 rows, and Muon (0.02, momentum 0.95) for the attention and MLP matrices beside
+AdamW (6e-4) for the embedding; the values of the modded-nanogpt speedrun and nanochat, not measured here. Muon
+needs far fewer steps than AdamW in the speedrun: shorten train.max_steps (with the cosine's end) to taste.
+"""
+
+import os
+
+from mygpt_jax.overrides import load_module
+
+# The config this one changes, beside it (loaded by path: config files are read by path, not as a package).
+gpt2_124m_pretrain = load_module(os.path.join(os.path.dirname(__file__), "gpt2_124m_pretrain.py"),
+                                 "the config configs/gpt2_124m_pretrain.py")
+
+
+def get_config():
+    c = gpt2_124m_pretrain.get_config()
+    c.run_name = "gpt2_124m_modern_pretrain"
+    m = c.model
+    m.qkv_bias = False
+    m.vocab_multiple = 128
+    m.position = "rope"
+    m.norm = "rmsnorm"
+    m.qk_norm = True
+    m.mlp = "relu2"
+    m.bias = False
+    m.zero_init_proj = True
+    m.logit_softcap = 15.0
+    c.train.optimizer = "muon"
+    c.train.muon_learning_rate = 0.02
+    return c
