@@ -14,24 +14,16 @@ import os
 
 from mygpt_jax.overrides import load_module
 
-# The config this one changes, beside it (loaded by path: config files are read by path, not as a package).
+# The config this one changes and the recipe's switches, beside it (config files are read by path, not as a package).
 gpt2_124m_pretrain = load_module(os.path.join(os.path.dirname(__file__), "gpt2_124m_pretrain.py"),
                                  "the config configs/gpt2_124m_pretrain.py")
+pystdlib_modern = load_module(os.path.join(os.path.dirname(__file__), "pystdlib_modern.py"),
+                              "the config configs/pystdlib_modern.py")
 
 
 def get_config():
-    c = gpt2_124m_pretrain.get_config()
+    c = pystdlib_modern.recipe(gpt2_124m_pretrain.get_config())
     c.run_name = "gpt2_124m_modern_pretrain"
-    m = c.model
-    m.qkv_bias = False
-    m.vocab_multiple = 128
-    m.position = "rope"
-    m.norm = "rmsnorm"
-    m.qk_norm = True
-    m.mlp = "relu2"
-    m.bias = False
-    m.zero_init_proj = True
-    m.logit_softcap = 15.0
-    c.train.optimizer = "muon"
-    c.train.muon_learning_rate = 0.02
+    c.model.qkv_bias = False
+    c.model.vocab_multiple = 128
     return c

@@ -18,9 +18,8 @@ from mygpt_jax.overrides import load_module
 pystdlib = load_module(os.path.join(os.path.dirname(__file__), "pystdlib.py"), "the config configs/pystdlib.py")
 
 
-def get_config():
-    c = pystdlib.get_config()
-    c.run_name = "pystdlib_modern"
+def recipe(c):
+    """Switch the modern recipe on in config `c` (configs/gpt2_124m_modern_pretrain.py applies it too)."""
     m = c.model
     m.position = "rope"
     m.norm = "rmsnorm"
@@ -31,4 +30,10 @@ def get_config():
     m.logit_softcap = 15.0
     c.train.optimizer = "muon"
     c.train.muon_learning_rate = 0.02
+    return c
+
+
+def get_config():
+    c = recipe(pystdlib.get_config())
+    c.run_name = "pystdlib_modern"
     return c
