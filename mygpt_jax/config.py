@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.muon_weight_decay = 0.0
     t.muon_momentum = 0.95  # Nesterov momentum of Muon's gradient average
     t.muon_ns_steps = 5  # Newton-Schulz iterations
-    t.muon_ns_coeffs = (3.4445, -4.7750, 2.0315)  # their quintic's coefficients (Keller Jordan's)
+    t.muon_ns_coeffs = "3.4445,-4.7750,2.0315"  # their quintic's coefficients a,b,c (Keller Jordan's)
 
     c.sample = s = ml_collections.ConfigDict()
     s.prompt = "Every effort moves you"  # "" = interactive chat
@@ -303,13 +303,27 @@ def _check_model_switches(c: ml_collections.ConfigDict) -> None:
         (t.muon_weight_decay < 0, f"--config.train.muon_weight_decay={t.muon_weight_decay} must be >= 0"),
         (not 0 <= t.muon_momentum < 1, f"--config.train.muon_momentum={t.muon_momentum} must be in [0, 1)"),
         (t.muon_ns_steps < 1, f"--config.train.muon_ns_steps={t.muon_ns_steps} must be >= 1"),
-        (len(t.muon_ns_coeffs) != 3, f"--config.train.muon_ns_coeffs={t.muon_ns_coeffs} must be 3 numbers (a, b, c)"),
+        (len(_numbers(t.muon_ns_coeffs)) != 3, f"--config.train.muon_ns_coeffs={t.muon_ns_coeffs!r} must be 3 numbers "
+         "a,b,c"),
         (c.init_from and gpt2_lacks(m), f"--config.init_from={c.init_from} loads GPT-2's weights, which have no "
          f"{', '.join(gpt2_lacks(m))}; start from a random init (--config.init_from=\"\") or use GPT-2's values"),
     ]
     for bad, line in problems:
         if bad:
             raise UserError(line)
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        return []
+
+
+def muon_ns_coeffs(t: ml_collections.ConfigDict) -> tuple[float, float, float]:
+    """train.muon_ns_coeffs as numbers (a, b, c)."""
+    a, b, c = _numbers(t.muon_ns_coeffs)
+    return a, b, c
 
 
 def gpt2_lacks(m: Any) -> list[str]:

@@ -21,6 +21,7 @@ import ml_collections
 import optax
 
 from mygpt_jax import compat
+from mygpt_jax.config import muon_ns_coeffs
 
 _HIDDEN_MODULES = ("attn", "mlp")  # their dense kernels are the hidden matrices
 
@@ -74,7 +75,7 @@ def blockwise_qkv(inner: optax.GradientTransformation) -> optax.GradientTransfor
 
 def muon(t: ml_collections.ConfigDict, schedule: optax.ScalarOrSchedule) -> optax.GradientTransformation:
     """The Muon group's transformation at `schedule` (`steps.learning_rate` peaking at train.muon_learning_rate)."""
-    orthogonalised = compat.scale_by_muon(ns_coeffs=tuple(t.muon_ns_coeffs), ns_steps=t.muon_ns_steps,
+    orthogonalised = compat.scale_by_muon(ns_coeffs=muon_ns_coeffs(t), ns_steps=t.muon_ns_steps,
                                           beta=t.muon_momentum, nesterov=True)
     return optax.chain(blockwise_qkv(orthogonalised), optax.add_decayed_weights(t.muon_weight_decay),
                        optax.scale_by_learning_rate(schedule))
