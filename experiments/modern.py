@@ -16,7 +16,12 @@ on 2 cores (README), about 14 minutes a run; shorter contexts keep attention che
 (the issue's budget: two for the baseline and the recipe, the second in experiments/modern_confirm.py). Runs
 resume across sessions; rerunning skips finished ones. `bench` gives the tokens/s of each switch on an idle
 machine (the sweep's own tokens/s are those of a shared one).
+
+    python experiments/modern.py checkpoints/experiments/modern   # after it: the steps each run needs to reach the
+                                                                  # baseline's final validation loss (interpolated)
 """
+
+import itertools
 
 BASE = "configs/pystdlib.py"
 _size = {"model.n_layers": 8, "model.context_length": 128, "train.max_steps": 180, "train.warmup_steps": 20,
@@ -44,3 +49,32 @@ VARIANTS = {name: {**_size, **switches} for name, switches in {
 }.items()}
 SEEDS = [1]
 METRICS = ["best_val_loss", "final_val_loss", "num_params", "tokens_per_s", "wall_s"]
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The first update at which a validation curve [(update, loss)] reaches `target`, interpolated linearly between
+    evaluations; None if it never does."""
+    for (u0, l0), (u1, l1) in itertools.pairwise(curve):
+        if l1 <= target:
+            return u1 if l0 == l1 else u0 + (l0 - target) / (l0 - l1) * (u1 - u0)
+    return None
+
+
+if __name__ == "__main__":  # python experiments/modern.py DIR: each run's steps to the baseline's final val loss
+    import json
+    import sys
+    from pathlib import Path
+
+    sweep = Path(sys.argv[1] if len(sys.argv) > 1 else "checkpoints/experiments/modern")
+    curves = {}
+    for metrics in sorted(sweep.glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        curves[metrics.parent.name] = [(r["update"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    baseline = next((curve for name, curve in curves.items() if name.startswith("gpt2-")), None)
+    if baseline is None:
+        sys.exit(f"error: no gpt2-s* run with metrics.jsonl in {sweep}; run the sweep first")
+    target = baseline[-1][1]
+    print(f"| run | final val loss | steps to {target:.3f} (the baseline's final) |\n| --- | --- | --- |")
+    for name, curve in curves.items():
+        steps = steps_to_reach(curve, target)
+        print(f"| {name} | {curve[-1][1]:.3f} | {'never' if steps is None else f'{steps:.0f}'} |")
