@@ -3,6 +3,7 @@
     python -m mygpt_jax.bench --config configs/verdict.py
     python -m mygpt_jax.bench --config configs/verdict.py --config.model.dtype=bfloat16 --json
     python -m mygpt_jax.bench --config configs/tiny.py --prepare        # the data instead: mygpt_jax/bench_data.py
+    python -m mygpt_jax.bench --config configs/pystdlib_modern.py --switches   # each modern switch's train tokens/s
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mygpt_jax.bench --config configs/gpt2_1558m.py \
       --config.mesh.data=1 --config.mesh.fsdp=8 --memory                 # per-device memory on a mesh
 
@@ -35,6 +36,7 @@ profile    with --profile, one more train step compiled to record its XLA ops in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import resource
@@ -50,9 +52,11 @@ from absl import flags
 
 from mygpt_jax import backends, hardware, profiling, run_setup, sharding
 from mygpt_jax.backends import Backend
+from mygpt_jax.config import GPT2_SWITCHES
 from mygpt_jax.errors import UserError
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.model import ModelConfig, count_params, init_params, matmul_flops_per_token
+from mygpt_jax.overrides import get_value, set_value
 from mygpt_jax.tokenizer import encode
 
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
@@ -74,6 +78,9 @@ _PREPARE_MB = flags.DEFINE_list("prepare_mb", ["20", "200"], "Sizes of the corpo
 _DATA_STEPS = flags.DEFINE_integer("data_steps", 20, "Train steps per round of --prepare's data feeding comparison.",
                                    lower_bound=1)
 _DATA_ROUNDS = flags.DEFINE_integer("data_rounds", 3, "Rounds of --prepare's data feeding comparison.", lower_bound=1)
+_SWITCHES = flags.DEFINE_bool("switches", False, "Report instead the train tokens/s of GPT-2's architecture and AdamW "
+                                "beside each of the config's modern switches alone and the config as it is "
+                                "(docs/modern.md).")
 _COPY_MB = flags.DEFINE_integer("copy_mb", 256, "Size of the array read and copied for the memory bandwidths "
                                 "(MiB).", lower_bound=1)
 
@@ -92,7 +99,8 @@ def machine_limits(backend: Backend) -> dict[str, float]:
 def weight_bytes_per_token(cfg: ModelConfig, params: Any) -> int:
     """Bytes of weights one decoding step reads: all but the embedding tables (one row of each is read),
     except that a tied LM head reads all of wte."""
-    tables = params["wpe"]["embedding"].nbytes + (0 if cfg.tie_embeddings else params["wte"]["embedding"].nbytes)
+    positions = params["wpe"]["embedding"].nbytes if "wpe" in params else 0  # none with rotary positions
+    tables = positions + (0 if cfg.tie_embeddings else params["wte"]["embedding"].nbytes)
     return sum(p.nbytes for p in jax.tree_util.tree_leaves(params)) - tables
 
 
@@ -304,7 +312,29 @@ def report(r: dict[str, Any]) -> str:
     ])
 
 
+def bench_switches(config: ml_collections.ConfigDict, backend: Backend, n_steps: int) -> dict[str, float]:
+    """Train tokens/s at the config's size of GPT-2 (every switch at `GPT2_SWITCHES`' value), of GPT-2 with each
+    switch the config turns on alone, and of the config: what each switch costs."""
+    def tokens_per_s(changes: dict[str, Any]) -> float:
+        c = copy.deepcopy(config)
+        for key, value in changes.items():
+            set_value(c, key, value, "--switches")
+        _progress(f"train step of {', '.join(f'{k}={v}' for k, v in changes.items()) or 'the config'}")
+        return bench_train(c, ModelConfig.from_config(c.model), backend, n_steps)["train_tokens_per_s"]
+
+    switched = {key: get_value(config, key) for key, gpt2 in GPT2_SWITCHES.items() if get_value(config, key) != gpt2}
+    result = {"gpt2": tokens_per_s(GPT2_SWITCHES)}
+    result.update({f"{key}={value}": tokens_per_s({**GPT2_SWITCHES, key: value}) for key, value in switched.items()})
+    result["config"] = tokens_per_s({})
+    return result
+
+
 def main(config: ml_collections.ConfigDict) -> None:
+    if _SWITCHES.value:
+        result = bench_switches(config, backends.current(), _STEPS.value)
+        print(json.dumps(result) if _JSON.value else "\n".join(
+            f"{name:32} {rate:10,.0f} tokens/s  {rate / result['gpt2']:.2f}x GPT-2's" for name, rate in result.items()))
+        return
     if _MEMORY.value:
         result = bench_memory(config, ModelConfig.from_config(config.model), backends.current())
         print(json.dumps(result) if _JSON.value else memory_report(result))

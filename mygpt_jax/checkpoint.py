@@ -32,16 +32,12 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from mygpt_jax import compat, distributed
-from mygpt_jax.config import changed_settings
+from mygpt_jax.config import MODEL_SHAPE_KEYS, changed_settings
 from mygpt_jax.errors import UserError
 
 META_FORMAT = 2  # 1 (no "format" key): the epoch and batch position of the in-memory verdict windows
 PREVIOUS = "previous"  # <run>/previous/<timestamp>/: what a fresh start or an older resume set aside
 
-# The model settings that shape the parameters: a checkpoint or pretrained weights made with other values cannot
-# be restored into this model. ModelConfig's fields, named as in config.model.
-MODEL_SHAPE = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings",
-               "vocab_multiple")
 
 
 class Checkpointer:
@@ -197,7 +193,7 @@ class Checkpointer:
         if not steps:
             return None
         meta = self.read_meta(steps[-1])
-        diff = changed_settings(meta["config"], config, within=tuple(f"model.{k}" for k in MODEL_SHAPE))
+        diff = changed_settings(meta["config"], config, within=tuple(f"model.{k}" for k in MODEL_SHAPE_KEYS))
         if diff:
             raise UserError(f"the checkpoint in {self.run_dir} was trained with another model ({'; '.join(diff)}); "
                             "use another --config.run_name, or start fresh with --config.train.resume=False (the "

@@ -83,6 +83,22 @@ def base_config() -> ml_collections.ConfigDict:
     # Pad the token embedding and the LM head to a multiple of this many rows (1 = off: 50257; 128 = nanoGPT's
     # 50304), for mesh.tensor to split them and for speed; padding rows are never predicted nor exported.
     m.vocab_multiple = 1
+    # Since GPT-2 (docs/modern.md); each default is GPT-2's. Positions: "learned" (GPT-2's table) or "rope" (rotary
+    # embeddings of q and k, half-split convention, base rope_base; needs an even head dimension).
+    m.position = "learned"
+    m.rope_base = 10000.0
+    m.norm = "layernorm"  # or "rmsnorm"
+    m.norm_scale = True  # the norms' learnable gain (False: none, as nanochat)
+    m.qk_norm = False  # RMS-normalise queries and keys per head before the scores
+    # The MLP: "gelu" (GPT-2), "relu2" (ReLU squared) or "swiglu" (gated; hidden width 8 d / 3 rounded to the
+    # nearest multiple of 8, as many weights as the 4 d MLP).
+    m.mlp = "gelu"
+    m.n_kv_heads = 0  # key/value heads, a divisor of n_heads (grouped-query attention; a smaller KV cache); 0 = n_heads
+    # Biases of the dense layers and LayerNorms, except q/k/v's own (qkv_bias, set apart: bias=False and
+    # qkv_bias=True is Qwen's layout).
+    m.bias = True
+    m.logit_softcap = 0.0  # > 0: logits = c * tanh(logits / c) (Gemma 2, modded-nanogpt: 15 to 30); 0 = off
+    m.zero_init_proj = False  # attention's and the MLP's output projections start at zero (under either init_scheme)
 
     # The devices as a (data, fsdp, tensor) mesh (docs/scaling.md): data splits the batch (throughput), fsdp the
     # batch and the parameters and optimizer state (memory), tensor the MLP, heads and vocabulary (very wide
@@ -161,6 +177,16 @@ def base_config() -> ml_collections.ConfigDict:
     # The progress display and metrics.jsonl give achieved FLOP/s as a fraction of a GPU's peak, or on a CPU of
     # jnp.dot's rate on square matrices of this side, measured at start (about a second); 0 skips it.
     t.flops_matmul_size = 2048
+    # "adamw", or "muon": Muon (momentum orthogonalised by Newton-Schulz; docs/modern.md) for the attention and MLP
+    # weight matrices, AdamW (the keys above) for the embeddings, the head, biases and gains. Both follow the
+    # warmup and cosine schedule above.
+    t.optimizer = "adamw"
+    t.muon_learning_rate = 0.02
+    # Muon's decoupled weight decay; optax multiplies it by muon_learning_rate (~50x AdamW's), hence 0 by default.
+    t.muon_weight_decay = 0.0
+    t.muon_momentum = 0.95  # Nesterov momentum of Muon's gradient average
+    t.muon_ns_steps = 5  # Newton-Schulz iterations
+    t.muon_ns_coeffs = "3.4445,-4.7750,2.0315"  # their quintic's coefficients a,b,c (Keller Jordan's)
 
     c.sample = s = ml_collections.ConfigDict()
     s.prompt = "Every effort moves you"  # "" = interactive chat
@@ -337,10 +363,78 @@ def _validate_serve(c: ml_collections.ConfigDict) -> None:
     require(c, v.request_timeout_s > 0, "serve.request_timeout_s", "must be positive")
 
 
+# The model keys that change the parameters' shapes or names: a checkpoint (or pretrained weights) trains on only
+# with the same values (train.py's fine-tuning checks).
+MODEL_SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings",
+                    "vocab_multiple", "position", "norm", "norm_scale", "mlp", "n_kv_heads", "bias")
+
+
+# The switches of the modern recipe (docs/modern.md) at GPT-2's values: the bench's and the sweep's baseline.
+GPT2_SWITCHES = {"model.position": "learned", "model.norm": "layernorm", "model.norm_scale": True,
+                 "model.qk_norm": False, "model.mlp": "gelu", "model.n_kv_heads": 0, "model.bias": True,
+                 "model.logit_softcap": 0.0, "model.zero_init_proj": False, "train.optimizer": "adamw"}
+
+
+def _validate_switches(c: ml_collections.ConfigDict) -> None:
+    """The switches of the modern recipe (docs/modern.md) and Muon's keys: one line naming the keys at fault."""
+    m, t = c.model, c.train
+    choices = {"position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "relu2", "swiglu")}
+    for key, allowed in choices.items():
+        if m[key] not in allowed:
+            raise ConfigError(f"--config.model.{key}={m[key]!r} is invalid: use {' or '.join(allowed)}")
+    problems = [
+        (m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads), f"--config.model.n_heads={m.n_heads} is "
+         f"not a multiple of --config.model.n_kv_heads={m.n_kv_heads}: each key/value head serves a whole group"),
+        (m.position == "rope" and m.n_heads > 0 and (m.emb_dim // m.n_heads) % 2, f"--config.model.position=rope "
+         f"rotates pairs of dimensions, and --config.model.emb_dim={m.emb_dim} / --config.model.n_heads={m.n_heads} "
+         "gives an odd head dimension"),
+        (m.rope_base <= 0, f"--config.model.rope_base={m.rope_base} must be positive"),
+        (m.logit_softcap < 0, f"--config.model.logit_softcap={m.logit_softcap} must be >= 0 (0 = off)"),
+        (t.optimizer not in ("adamw", "muon"), f"--config.train.optimizer={t.optimizer!r} is invalid: use adamw or "
+         "muon"),
+        (t.muon_learning_rate <= 0, f"--config.train.muon_learning_rate={t.muon_learning_rate} must be positive"),
+        (t.muon_weight_decay < 0, f"--config.train.muon_weight_decay={t.muon_weight_decay} must be >= 0"),
+        (not 0 <= t.muon_momentum < 1, f"--config.train.muon_momentum={t.muon_momentum} must be in [0, 1)"),
+        (t.muon_ns_steps < 1, f"--config.train.muon_ns_steps={t.muon_ns_steps} must be >= 1"),
+        (len(_numbers(t.muon_ns_coeffs)) != 3, f"--config.train.muon_ns_coeffs={t.muon_ns_coeffs!r} must be 3 numbers "
+         "a,b,c"),
+        (c.init_from and gpt2_lacks(m), f"--config.init_from={c.init_from} loads GPT-2's weights, which have no "
+         f"{', '.join(gpt2_lacks(m))}; start from a random init (--config.init_from=\"\") or use GPT-2's values"),
+    ]
+    for bad, line in problems:
+        if bad:
+            raise ConfigError(line)
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        return []
+
+
+def muon_ns_coeffs(t: ml_collections.ConfigDict) -> tuple[float, float, float]:
+    """train.muon_ns_coeffs as numbers (a, b, c)."""
+    a, b, c = _numbers(t.muon_ns_coeffs)
+    return a, b, c
+
+
+def gpt2_lacks(m: Any) -> list[str]:
+    """The settings of a model (a config's `model` or a ModelConfig) that transformers' GPT-2 cannot express:
+    "model.key=value" for each switch away from GPT-2's value."""
+    get = m.get if isinstance(m, ml_collections.ConfigDict) else lambda key: getattr(m, key)
+    gpt2 = {key.removeprefix("model."): value for key, value in GPT2_SWITCHES.items()
+            if key.startswith("model.") and key not in ("model.n_kv_heads", "model.zero_init_proj")}
+    lacks = [f"model.{key}={get(key)!r}" for key, value in gpt2.items() if get(key) != value]
+    if get("n_kv_heads") not in (0, get("n_heads")):
+        lacks.append(f"model.n_kv_heads={get('n_kv_heads')!r}")
+    return lacks
+
+
 # One check per section of the config, run in this order; a new section adds its function here.
 VALIDATORS: tuple[Callable[[ml_collections.ConfigDict], None], ...] = (
     _validate_model, _validate_mesh, _validate_distributed, _validate_data, _validate_train, _validate_sample,
-    _validate_eval, _validate_run, _validate_serve)
+    _validate_eval, _validate_run, _validate_serve, _validate_switches)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

@@ -18,6 +18,7 @@ file gets (the umask's).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from mygpt_jax import tokenizer
-from mygpt_jax.config import run_folder
+from mygpt_jax.config import gpt2_lacks, run_folder
 from mygpt_jax.errors import ConfigError, UserError
 from mygpt_jax.model import ModelConfig
 from mygpt_jax.pretrained import hub
@@ -47,6 +48,7 @@ def export(folder: str | os.PathLike, cfg: ModelConfig, params: dict, config: ml
            source: str = "") -> Path:
     """Write `params` of architecture `cfg` into `folder` as a transformers model; `config` gives its dropout and
     sampling settings, `source` what it was exported from (for the marker)."""
+    cfg = gpt2_shaped(cfg)
     tensors = hub.to_hub(cfg, jax.device_get(params))  # checks first that GPT2LMHeadModel can express `cfg`
     folder = Path(folder)
     check_target(folder, config.export.overwrite)
@@ -100,6 +102,17 @@ def _write_files(folder: Path, cfg: ModelConfig, tensors: dict, config: ml_colle
         "eos_token": end, "unk_token": end, "add_prefix_space": False, "add_bos_token": False,
         "errors": "replace", "clean_up_tokenization_spaces": False})
     _write_json(folder / MARKER, {"exported_by": "mygpt_jax", "source": source})
+
+
+def gpt2_shaped(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with the modern switches that leave a model GPT-2-shaped (an init, an unused rotary base, as many
+    key/value heads as heads) at GPT-2's values; a switch GPT-2 lacks is a UserError naming every such setting."""
+    lacks = gpt2_lacks(cfg)
+    if lacks:
+        raise UserError(f"transformers' GPT-2 has no {', '.join(lacks)}; export writes GPT-2-shaped models only "
+                        "(docs/modern.md)")
+    defaults = ModelConfig()
+    return dataclasses.replace(cfg, zero_init_proj=False, rope_base=defaults.rope_base, n_kv_heads=0)
 
 
 def _generation_config(sample: ml_collections.ConfigDict) -> dict:

@@ -7,6 +7,10 @@ logical axis names (`nn.with_logical_partitioning`) for sharding; `init_params` 
 Decoding uses an explicit KV cache: `GPT.__call__(tokens, cache=..., cache_index=i)` writes the new
 keys/values at positions i.. and returns the updated cache, so the decode step stays a pure function.
 
+Since 2019's GPT-2 (docs/modern.md): each switch below is chosen once, where it acts, and defaults to GPT-2 -
+rotary positions, RMSNorm, QK-norm, ReLU²/SwiGLU MLPs, grouped key/value heads, biases, logit soft-capping,
+zero-initialised output projections.
+
 For speed (measured by `python -m mygpt_jax.bench`): q/k/v come from one fused matmul, and the cache keeps
 heads before positions so attention reads it without transposes. What differs between backends (the dropout
 layer, the dense layers' product, the attention the config resolves to) comes from the `backend` profile every
@@ -46,6 +50,16 @@ class ModelConfig:
     remat: bool = False
     attention: str = "explicit"  # or "cudnn", "xla": jax.nn.dot_product_attention (MultiHeadAttention)
     vocab_multiple: int = 1  # the embedding and head rows are padded to a multiple of this (never predicted)
+    position: str = "learned"  # "learned" (GPT-2's wpe table) or "rope" (rotary embeddings on q and k)
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # or "rmsnorm"
+    norm_scale: bool = True  # the norms' learnable gain
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before the scores (no parameters)
+    mlp: str = "gelu"  # "gelu" (GPT-2), "relu2" (ReLU squared) or "swiglu" (gated, `mlp_hidden` wide)
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads
+    bias: bool = True  # biases of the dense layers and norms other than c_attn, whose bias is qkv_bias's
+    logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c)
+    zero_init_proj: bool = False  # attention's and the MLP's c_proj start at zero (either init_scheme)
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict) -> ModelConfig:
@@ -68,13 +82,24 @@ class ModelConfig:
         return self.emb_dim // self.n_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 4 d, or for SwiGLU's three matrices 8 d / 3 rounded to the nearest multiple of 8,
+        so that its weights are as many as the 4 d MLP's (exactly when 8 d / 3 is a multiple of 8, as d = 768's
+        2048)."""
+        return 4 * self.emb_dim if self.mlp != "swiglu" else max(8, round(8 * self.emb_dim / 3 / 8) * 8)
+
+    @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
 
 class KVCache(NamedTuple):
-    """Keys and values of one layer for every position it holds: (batch, heads, positions, head_dim), where
-    positions <= context_length (`init_cache`).
+    """Keys (rotated, with rotary positions) and values of one layer for every position it holds: (batch,
+    kv_heads, positions, head_dim), where positions <= context_length (`init_cache`).
 
     Heads before positions: the attention matmuls read the cache in place (with positions first, XLA
     transposed both caches of every layer at every decoding step).
@@ -89,21 +114,23 @@ def _uniform(bound: float) -> Callable:
 
 
 def _dense(cfg: ModelConfig, backend: Backend, fan_in: int, features: int, axes: tuple[str, str], name: str,
-           use_bias: bool = True, residual: bool = False) -> nn.Dense:
+           use_bias: bool | None = None, residual: bool = False) -> nn.Dense:
     """A linear layer in the compute dtype with float32 parameters, initialised by `cfg.init_scheme`, computing
-    its product with the backend's `dot_general`.
+    its product with the backend's `dot_general`; with a bias where `use_bias` (default `cfg.bias`) says.
 
     "gpt2": N(0, init_std) weights, zero biases; projections into the residual stream scaled by
     1/sqrt(2 n_layers). "pytorch": nn.Linear's defaults, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights
-    and biases (what the seed run used).
+    and biases (what the seed run used). `zero_init_proj`: those projections start at zero under either.
     """
-    if cfg.init_scheme == "pytorch":
+    if residual and cfg.zero_init_proj:
+        kernel_init = bias_init = nn.initializers.zeros
+    elif cfg.init_scheme == "pytorch":
         kernel_init = bias_init = _uniform(fan_in ** -0.5)
     else:
         std = cfg.init_std / (2 * cfg.n_layers) ** 0.5 if residual else cfg.init_std
         kernel_init, bias_init = nn.initializers.normal(std), nn.initializers.zeros
-    return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+    return nn.Dense(features, use_bias=cfg.bias if use_bias is None else use_bias, dtype=cfg.compute_dtype,
+                    param_dtype=jnp.float32, kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                     bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)), dot_general=backend.dot_general,
                     name=name)
 
@@ -115,16 +142,45 @@ def _embed(cfg: ModelConfig, num: int, axes: tuple[str, str], name: str) -> nn.E
                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes))
 
 
-def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=LN_EPS, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-    )
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """GPT-2's LayerNorm, or RMSNorm (`cfg.norm`); a gain if `cfg.norm_scale`, LayerNorm's bias if `cfg.bias`."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=LN_EPS, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                          use_scale=cfg.norm_scale, scale_init=scale_init)
+    return nn.LayerNorm(epsilon=LN_EPS, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                        use_scale=cfg.norm_scale, use_bias=cfg.bias, scale_init=scale_init,
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def positions_of(cache_index: jax.Array | int, t: int) -> jax.Array:
+    """The absolute positions of a chunk of t tokens starting at `cache_index`: (t,) for a scalar start, (batch, t)
+    for one start per row."""
+    return jnp.asarray(cache_index)[..., None] + jnp.arange(t)
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding of x (batch, t, heads, head_dim) at `positions` ((t,) or (batch, t)), in the
+    half-split (`rotate_half`, Llama) convention: dimension i pairs with i + head_dim / 2, rotated by the angle
+    position * base^(-2i / head_dim). Angles and the rotation are computed in float32."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = jnp.expand_dims(positions.astype(jnp.float32)[..., None] * inv_freq, -2)  # (..., t, 1, half)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _rms_normalise(x: jax.Array) -> jax.Array:
+    """QK-norm: x / rms(x) over the head dimension, in float32, no gain (nanochat's and modded-nanogpt's)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + LN_EPS)).astype(x.dtype)
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal self-attention with a fused q/k/v projection (OpenAI's c_attn).
+    """Causal self-attention with a fused q/k/v projection (OpenAI's c_attn): n_heads query heads and kv_heads
+    key/value heads (fewer: grouped-query attention, each shared by n_heads / kv_heads query heads), QK-norm and
+    rotary positions applied to q and k before any attention.
 
     Written out by default (`_explicit_attention`: the KV cache, dropout on the attention weights); with
     `attention="cudnn"` or `"xla"`, passes without a cache call `jax.nn.dot_product_attention` instead.
@@ -138,56 +194,62 @@ class MultiHeadAttention(nn.Module):
                  cache_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         b, t, d = x.shape
-        qkv = _dense(cfg, self.backend, d, 3 * d, ("embed", "qkv"), "c_attn", use_bias=cfg.qkv_bias)(x)
-        qkv = qkv.reshape(b, t, 3 * cfg.n_heads, cfg.head_dim)
+        h, kv = cfg.n_heads, cfg.kv_heads
+        qkv = _dense(cfg, self.backend, d, (h + 2 * kv) * cfg.head_dim, ("embed", "qkv"), "c_attn",
+                     use_bias=cfg.qkv_bias)(x)
+        q, k, v = jnp.split(qkv.reshape(b, t, h + 2 * kv, cfg.head_dim), [h, h + kv], axis=2)
+        if cfg.qk_norm:
+            q, k = _rms_normalise(q), _rms_normalise(k)
+        if cfg.position == "rope":
+            positions = positions_of(cache_index, t)
+            q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
         if cache is None and cfg.attention != "explicit":
-            out = _fused_attention(cfg, qkv)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
         else:
-            out, cache = _explicit_attention(cfg, qkv, self.backend.dropout(cfg.drop_rate), deterministic, cache,
-                                             cache_index)
+            out, cache = _explicit_attention(cfg, q, k, v, self.backend.dropout(cfg.drop_rate), deterministic,
+                                             cache, cache_index)
         out = _dense(cfg, self.backend, d, d, ("heads", "embed"), "c_proj", residual=True)(out.reshape(b, t, d))
         return out, cache
 
 
-def _fused_attention(cfg: ModelConfig, qkv: jax.Array) -> jax.Array:
-    """Causal attention in one `jax.nn.dot_product_attention` call: qkv (batch, t, 3 heads, head_dim) ->
-    (batch, t, heads, head_dim). `cfg.attention` names its implementation: "cudnn" is cuDNN's fused
-    (flash) kernel on NVIDIA GPUs, "xla" JAX's own lowering. Neither drops attention weights out, so the
-    config allows them only with drop_rate 0 (`config.validate`), and "cudnn" only on a GPU that has it
-    (`backends.resolve`)."""
-    q, k, v = jnp.split(qkv, 3, axis=2)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
-
-
-def _explicit_attention(cfg: ModelConfig, qkv: jax.Array, dropout: nn.Module, deterministic: bool,
-                        cache: KVCache | None, cache_index: jax.Array | int) -> tuple[jax.Array, KVCache | None]:
+def _explicit_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, dropout: nn.Module,
+                        deterministic: bool, cache: KVCache | None, cache_index: jax.Array | int
+                        ) -> tuple[jax.Array, KVCache | None]:
     """Causal attention written out (scores, mask, softmax, dropout on the weights, weighted sum), reading
-    and writing the KV cache: qkv (batch, t, 3 heads, head_dim) -> (batch, t, heads, head_dim), cache."""
-    t = qkv.shape[1]
-    q, k, v = jnp.split(qkv.transpose(0, 2, 1, 3), 3, axis=1)  # (batch, heads, t, head_dim)
+    and writing the KV cache: q (batch, t, heads, head_dim), k and v (batch, t, kv_heads, head_dim) ->
+    (batch, t, heads, head_dim), cache. Query head n reads key/value head n // (heads / kv_heads), as
+    `jax.nn.dot_product_attention` groups them."""
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)  # (batch, kv_heads, group, t, head_dim)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (batch, kv_heads, t, head_dim)
 
     # Attend over blocks of (keys, values, which keys each query sees): this chunk, causally, and before
     # it the cache's positions < cache_index. The cache is read as it was and this chunk written into
     # it afterwards (not read back), so XLA can update it in place instead of copying it every step.
-    q_pos = cache_index + jnp.arange(t)
-    blocks = [(k, v, q_pos[:, None] >= q_pos[None, :])]
+    blocks = [(k, v, jnp.arange(t)[:, None] >= jnp.arange(t)[None, :])]
     if cache is not None:
         past = jnp.arange(cache.k.shape[2]) < cache_index
         blocks.insert(0, (cache.k.astype(q.dtype), cache.v.astype(q.dtype), jnp.broadcast_to(past, (t, past.size))))
         cache = KVCache(*(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, cache_index, 0))
                           for c, new in ((cache.k, k), (cache.v, v))))
 
-    scores = jnp.concatenate([jnp.einsum("bhqd,bhkd->bhqk", q, keys) for keys, _, _ in blocks], axis=-1)
+    scores = jnp.concatenate([jnp.einsum("bkgqd,bksd->bkgqs", q, keys) for keys, _, _ in blocks], axis=-1)
     visible = jnp.concatenate([seen for _, _, seen in blocks], axis=-1)
-    scores = jnp.where(visible, scores.astype(jnp.float32) / cfg.head_dim ** 0.5, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(visible, scores.astype(jnp.float32) / hd ** 0.5, jnp.finfo(jnp.float32).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype), deterministic)
     weights = jnp.split(weights, np.cumsum([keys.shape[2] for keys, _, _ in blocks[:-1]]), axis=-1)
-    out = sum(jnp.einsum("bhqk,bhkd->bqhd", w, values) for w, (_, values, _) in zip(weights, blocks, strict=True))
-    return out, cache
+    out = sum(jnp.einsum("bkgqs,bksd->bqkgd", w, values) for w, (_, values, _) in zip(weights, blocks, strict=True))
+    return out.reshape(b, t, h, hd), cache
+
+
+_ACTIVATIONS = {"gelu": lambda h: nn.gelu(h, approximate=True), "relu2": lambda h: jnp.square(nn.relu(h)),
+                "swiglu": nn.silu}
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: d -> 4d -> d with GPT-2's tanh-approximated GELU."""
+    """Position-wise MLP d -> mlp_hidden -> d: GPT-2's tanh-approximated GELU, ReLU², or SwiGLU,
+    silu(x W_fc) * (x W_up) (Shazeer 2020)."""
 
     cfg: ModelConfig
     backend: Backend
@@ -195,13 +257,15 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        h = _dense(cfg, self.backend, cfg.emb_dim, 4 * cfg.emb_dim, ("embed", "mlp"), "c_fc")(x)
-        h = nn.gelu(h, approximate=True)
-        return _dense(cfg, self.backend, 4 * cfg.emb_dim, cfg.emb_dim, ("mlp", "embed"), "c_proj", residual=True)(h)
+        d, hidden = cfg.emb_dim, cfg.mlp_hidden
+        h = _ACTIVATIONS[cfg.mlp](_dense(cfg, self.backend, d, hidden, ("embed", "mlp"), "c_fc")(x))
+        if cfg.mlp == "swiglu":
+            h = h * _dense(cfg, self.backend, d, hidden, ("embed", "mlp"), "c_up")(x)
+        return _dense(cfg, self.backend, hidden, d, ("mlp", "embed"), "c_proj", residual=True)(h)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x)))."""
+    """Pre-norm block: x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x)))."""
 
     cfg: ModelConfig
     backend: Backend
@@ -211,9 +275,9 @@ class TransformerBlock(nn.Module):
                  cache_index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         drop = self.backend.dropout(self.cfg.drop_rate)
         h, cache = MultiHeadAttention(self.cfg, self.backend, name="attn")(
-            _layer_norm(self.cfg, "ln_1")(x), deterministic, cache, cache_index)
+            _norm(self.cfg, "ln_1")(x), deterministic, cache, cache_index)
         x = x + drop(h, deterministic)
-        h = FeedForward(self.cfg, self.backend, name="mlp")(_layer_norm(self.cfg, "ln_2")(x))
+        h = FeedForward(self.cfg, self.backend, name="mlp")(_norm(self.cfg, "ln_2")(x))
         x = x + drop(h, deterministic)
         return x, cache
 
@@ -223,10 +287,12 @@ def _unconstrained(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
 
 
 class GPT(nn.Module):
-    """Token + learned position embeddings, n_layers pre-LN blocks, final LayerNorm, LM head; computed as the
-    `backend` profile says (`backends.current()`; the Generator's is `backend.for_decoding()`). Training on a
-    mesh passes `constrain` (`sharding.activation_constraint`), which lays out the residual stream and the
-    logits by their logical axis names; the model itself knows no mesh."""
+    """Token (+ learned position) embeddings, n_layers pre-norm blocks, a final norm, the LM head (soft-capped
+    if `logit_softcap`); computed as the `backend` profile says (`backends.current()`; the Generator's is
+    `backend.for_decoding()`). Training on a mesh passes `constrain` (`sharding.activation_constraint`), which
+    lays out the residual stream and the logits by their logical axis names; the model itself knows no mesh.
+
+    `cache_index` is where the chunk starts: a scalar (a traced one too, as under `jax.vmap` over cache rows)."""
 
     cfg: ModelConfig
     backend: Backend
@@ -237,9 +303,10 @@ class GPT(nn.Module):
                  cache_index: jax.Array | int = 0) -> tuple[jax.Array, list[KVCache] | None]:
         cfg = self.cfg
         wte = _embed(cfg, cfg.padded_vocab, ("vocab", "embed"), "wte")
-        wpe = _embed(cfg, cfg.context_length, ("context", "embed"), "wpe")
-        positions = cache_index + jnp.arange(tokens.shape[1])
-        x = wte(tokens) + wpe(positions)[None]
+        x = wte(tokens)
+        if cfg.position == "learned":
+            x = x + _embed(cfg, cfg.context_length, ("context", "embed"), "wpe")(positions_of(cache_index,
+                                                                                               tokens.shape[1]))
         x = self.backend.dropout(cfg.drop_rate)(x, deterministic)
         stream = ("activation_batch", "activation_length", "activation_embed")
 
@@ -250,7 +317,7 @@ class GPT(nn.Module):
                 self.constrain(x, stream), deterministic, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
 
-        x = _layer_norm(cfg, "ln_f")(x)
+        x = _norm(cfg, "ln_f")(x)
         if cfg.tie_embeddings:
             x, table = x.astype(cfg.compute_dtype), wte.embedding.astype(cfg.compute_dtype)
             # Decoding (with a cache) contracts wte's last axis in place: as x @ wte.T, XLA:CPU copied the
@@ -262,6 +329,8 @@ class GPT(nn.Module):
                             use_bias=False)(x)
         logits = self.constrain(logits.astype(jnp.float32),
                                 ("activation_batch", "activation_length", "activation_vocab"))
+        if cfg.logit_softcap > 0:  # before the padding rows' -inf, which capping would make finite
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         if cfg.padded_vocab > cfg.vocab_size:  # padding rows are never predicted: not in the loss, not sampled
             logits = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits, -jnp.inf)
         return logits, (None if cache is None else new_cache)
@@ -302,7 +371,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, *, length: int | None = None, 
     """A zeroed KV cache for every layer, holding `length` positions (default: the whole context).
 
     Attention reads every position the cache holds, used or not, so a shorter cache decodes faster."""
-    shape = (batch_size, cfg.n_heads, cfg.context_length if length is None else length, cfg.head_dim)
+    shape = (batch_size, cfg.kv_heads, cfg.context_length if length is None else length, cfg.head_dim)
     dtype = dtype or cfg.compute_dtype
     return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
 
@@ -315,11 +384,14 @@ def matmul_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Training FLOPs per token counting matrix multiplies only (forward + backward = 3x forward).
 
     6 x (parameters used in matmuls: attention/MLP weights and the LM head; the token-embedding lookup
-    is free, position embeddings, LayerNorms and biases are not matmuls) + attention scores and
-    weighted sum: 2 matmuls x 2 FLOPs x 3 (fwd+bwd) x L x d x T = 12 L d T.
+    is free, position embeddings, norms, biases, rotary and soft-capping are not matmuls) + attention scores
+    and weighted sum: 2 matmuls x 2 FLOPs x 3 (fwd+bwd) x L x d x T = 12 L d T (grouped key/value heads
+    shrink the projection, not these).
     """
     t = seq_len or cfg.context_length
     d, L = cfg.emb_dim, cfg.n_layers
-    per_layer = d * 3 * d + d * d + d * 4 * d + 4 * d * d
+    qkv = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+    mlp_matrices = 3 if cfg.mlp == "swiglu" else 2
+    per_layer = d * qkv + d * d + mlp_matrices * d * cfg.mlp_hidden
     matmul_params = L * per_layer + d * cfg.padded_vocab
     return 6 * matmul_params + 12 * L * d * t

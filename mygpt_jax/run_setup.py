@@ -15,8 +15,8 @@ import ml_collections
 import optax
 
 from mygpt_jax import backends, sharding, steps
-from mygpt_jax.checkpoint import MODEL_SHAPE, Checkpointer, Mismatch
-from mygpt_jax.config import changed_settings
+from mygpt_jax.checkpoint import Checkpointer, Mismatch
+from mygpt_jax.config import MODEL_SHAPE_KEYS, changed_settings
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import GPT, ModelConfig, init_params, pad_vocab
 
@@ -99,7 +99,7 @@ def pretrained_params(config: ml_collections.ConfigDict, cfg: ModelConfig) -> An
     from mygpt_jax.pretrained.load import load_pretrained  # only fine-tuning needs it
 
     pretrained_cfg, params = load_pretrained(config, config.init_from)
-    fields = [f for f in MODEL_SHAPE if f not in ("context_length", "vocab_multiple")]  # cropped, padded
+    fields = [f for f in MODEL_SHAPE_KEYS if f not in ("context_length", "vocab_multiple")]  # cropped, padded
     mismatched = [f for f in fields if getattr(cfg, f) != getattr(pretrained_cfg, f)]
     if cfg.context_length > pretrained_cfg.context_length:
         mismatched.append("context_length")

@@ -4,8 +4,8 @@ The mesh always has three axes, size 1 included, so one program serves one devic
 - `data`: the batch is split, the parameters replicated; throughput.
 - `fsdp`: the batch is split and so are the parameters and the optimizer state (on their `embed` axis), gathered
   for each layer's products; memory.
-- `tensor`: the MLP's hidden units, the attention heads' q/k/v columns and the vocabulary are split; very wide
-  models.
+- `tensor`: the MLP's hidden units (SwiGLU's gate too), the attention heads' q/k/v columns (query and key/value
+  heads alike, so both counts must divide) and the vocabulary are split; very wide models.
 
 The model names each parameter dimension (`model.logical_axes`); `RULES` maps those names to mesh axes. The
 residual stream and the logits are constrained with names of their own (`activation_*`) so that no array maps
@@ -74,7 +74,8 @@ def check_fits(cfg: ModelConfig, mesh: Mesh, rows: int, rows_key: str) -> None:
         raise UserError(f"--config.mesh.tensor={tensor} does not divide the vocabulary of {cfg.padded_vocab} rows; "
                         f"pad it with --config.model.vocab_multiple (128 gives {-(-cfg.vocab_size // 128) * 128})")
     for key, size, axis, n in (("model.emb_dim", cfg.emb_dim, "fsdp", fsdp), ("model.n_heads", cfg.n_heads, "tensor",
-                                                                               tensor)):
+                                                                               tensor),
+                               ("model.n_kv_heads", cfg.kv_heads, "tensor", tensor)):
         if size % n:
             raise UserError(f"--config.{key}={size} is not divisible by --config.mesh.{axis}={n}; choose a mesh that "
                             "divides the model")
@@ -97,7 +98,18 @@ def state_shardings(cfg: ModelConfig, mesh: Mesh, tx: Any) -> TrainState:
     their logical-axis boxes, so its moments keep the parameters' names; step counts are replicated."""
     abstract = jax.eval_shape(lambda boxed: TrainState(jnp.zeros((), jnp.int32), boxed, tx.init(boxed)),
                               boxed_params(cfg))
+    # A transformation of some leaves only (Muon's and AdamW's groups: optax.masked) boxes a placeholder, no array,
+    # where the other leaves are: the placeholder alone, as the unboxed state has it.
+    abstract = jax.tree.map(lambda x: x.unbox() if _boxes_nothing(x) else x, abstract, is_leaf=_is_box)
     return logical_shardings(nn.get_partition_spec(abstract), mesh)
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _boxes_nothing(x: Any) -> bool:
+    return _is_box(x) and not jax.tree_util.tree_leaves(x.unbox())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

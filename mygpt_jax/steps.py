@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mygpt_jax import muon
 from mygpt_jax.model import GPT, ModelConfig, init_params
 
 
@@ -35,22 +36,26 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Arra
     return jax.jit(lambda rng: new_state(init_params(cfg, rng), tx), out_shardings=shardings)(rng)
 
 
-def learning_rate(t: ml_collections.ConfigDict, total_steps: int) -> optax.ScalarOrSchedule:
-    """The constant `train.learning_rate`, or with warmup_steps > 0 a linear warmup from learning_rate /
-    warmup_steps (from 0 the first update would change nothing) then a cosine decay to learning_rate *
-    min_lr_ratio at `total_steps`."""
+def learning_rate(t: ml_collections.ConfigDict, total_steps: int, peak: float | None = None) -> optax.ScalarOrSchedule:
+    """The constant `peak` (default `train.learning_rate`), or with warmup_steps > 0 a linear warmup from peak /
+    warmup_steps (from 0 the first update would change nothing) then a cosine decay to peak * min_lr_ratio at
+    `total_steps`."""
+    peak = t.learning_rate if peak is None else peak
     if t.warmup_steps == 0:
-        return t.learning_rate
+        return peak
     return optax.warmup_cosine_decay_schedule(
-        t.learning_rate / t.warmup_steps, t.learning_rate, t.warmup_steps, max(total_steps, t.warmup_steps + 1),
-        end_value=t.learning_rate * t.min_lr_ratio)
+        peak / t.warmup_steps, peak, t.warmup_steps, max(total_steps, t.warmup_steps + 1),
+        end_value=peak * t.min_lr_ratio)
 
 
 def create_optimizer(t: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW at `learning_rate(t, total_steps)`, with optional global-norm gradient clipping."""
-    adamw = optax.adamw(learning_rate(t, total_steps), b1=t.beta1, b2=t.beta2, eps=t.eps,
-                        weight_decay=t.weight_decay, mask=_matrices if t.weight_decay_params == "matrices" else None)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+    """AdamW at `learning_rate(t, total_steps)`, or with train.optimizer="muon" Muon for the hidden matrices and
+    that AdamW for the rest (mygpt_jax/muon.py); with optional global-norm gradient clipping of all gradients."""
+    tx = optax.adamw(learning_rate(t, total_steps), b1=t.beta1, b2=t.beta2, eps=t.eps,
+                     weight_decay=t.weight_decay, mask=_matrices if t.weight_decay_params == "matrices" else None)
+    if t.get("optimizer", "adamw") == "muon":
+        tx = muon.split_optimizer(t, learning_rate(t, total_steps, t.muon_learning_rate), tx)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), tx) if t.grad_clip > 0 else tx
 
 
 def _matrices(params: Any) -> Any:

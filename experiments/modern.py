@@ -1,0 +1,80 @@
+"""The modern recipe, switch by switch (docs/modern.md): GPT-2's architecture and AdamW against each change since 2019
+alone, all of them together, and Muon against AdamW each at its best of three learning rates.
+
+    python -m mygpt_jax.experiments experiments/modern.py --dry-run   # the 16 runs, nothing trained
+    python -m mygpt_jax.experiments experiments/modern.py             # about 4 hours on 2 CPU cores (estimated)
+    python -m mygpt_jax.experiments experiments/modern_confirm.py     # then: the recipe on a seed it was not chosen on
+
+On configs/pystdlib.py's corpus (the Python standard library), one size and one token budget for every run: emb_dim
+256, 8 layers, 4 heads of 64 (GPT-2's head size; the rotary switch needs it even), context 128, 16 windows a step,
+180 steps (368,640 tokens, warmup 20, cosine to a tenth), validation every 30 steps on 2 batches. Why this size:
+at GPT-2's 50,257-token vocabulary the tied embedding is 12.9M parameters whatever the blocks are; pystdlib's 4
+layers make the blocks 3.1M of 16M (20%), so any switch inside them could only move a fifth of the model. 8
+layers give the blocks 6.3M of 19.2M parameters (33%), about a third of the matrix FLOPs, at a cost per token
+(118 MFLOP) that fits 16 runs of 180 steps in about 4 hours at the ~55 GFLOP/s configs/pystdlib.py's run reached
+on 2 cores (README), about 14 minutes a run; shorter contexts keep attention cheap. One seed per variant, seed 1
+(the issue's budget: two for the baseline and the recipe, the second in experiments/modern_confirm.py). Runs
+resume across sessions; rerunning skips finished ones. `bench` gives the tokens/s of each switch on an idle
+machine (the sweep's own tokens/s are those of a shared one).
+
+    python experiments/modern.py checkpoints/experiments/modern   # after it: the steps each run needs to reach the
+                                                                  # baseline's final validation loss (interpolated)
+"""
+
+import itertools
+
+BASE = "configs/pystdlib.py"
+_size = {"model.n_layers": 8, "model.context_length": 128, "train.max_steps": 180, "train.warmup_steps": 20,
+        "train.eval_freq": 30, "train.eval_iter": 2, "train.checkpoint_every": 30, "train.sample_every": 0}
+_muon = {"train.optimizer": "muon"}
+_all = {"model.position": "rope", "model.norm": "rmsnorm", "model.qk_norm": True, "model.mlp": "relu2",
+       "model.bias": False, "model.zero_init_proj": True, "model.logit_softcap": 15.0, **_muon}
+VARIANTS = {name: {**_size, **switches} for name, switches in {
+    "gpt2": {},  # the baseline: AdamW 1e-3, pystdlib's measured rate
+    "rope": {"model.position": "rope"},
+    "rmsnorm": {"model.norm": "rmsnorm"},
+    "qk_norm": {"model.qk_norm": True},
+    "relu2": {"model.mlp": "relu2"},
+    "swiglu": {"model.mlp": "swiglu"},
+    "gqa": {"model.n_kv_heads": 2},
+    "no_bias": {"model.bias": False},
+    "zero_init_proj": {"model.zero_init_proj": True},
+    "softcap": {"model.logit_softcap": 15.0},
+    "all": _all,
+    "adamw_lr5e-4": {"train.learning_rate": 5e-4},
+    "adamw_lr2e-3": {"train.learning_rate": 2e-3},
+    "muon_lr0.01": {**_muon, "train.muon_learning_rate": 0.01},
+    "muon_lr0.02": {**_muon, "train.muon_learning_rate": 0.02},
+    "muon_lr0.04": {**_muon, "train.muon_learning_rate": 0.04},
+}.items()}
+SEEDS = [1]
+METRICS = ["best_val_loss", "final_val_loss", "num_params", "tokens_per_s", "wall_s"]
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The first update at which a validation curve [(update, loss)] reaches `target`, interpolated linearly between
+    evaluations; None if it never does."""
+    for (u0, l0), (u1, l1) in itertools.pairwise(curve):
+        if l1 <= target:
+            return u1 if l0 == l1 else u0 + (l0 - target) / (l0 - l1) * (u1 - u0)
+    return None
+
+
+if __name__ == "__main__":  # python experiments/modern.py DIR: each run's steps to the baseline's final val loss
+    import json
+    import sys
+    from pathlib import Path
+
+    sweep = Path(sys.argv[1] if len(sys.argv) > 1 else "checkpoints/experiments/modern")
+    curves = {}
+    for metrics in sorted(sweep.glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        curves[metrics.parent.name] = [(r["update"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    baseline = next((curve for name, curve in curves.items() if name.startswith("gpt2-")), None)
+    if baseline is None:
+        sys.exit(f"error: no gpt2-s* run with metrics.jsonl in {sweep}; run the sweep first")
+    target = baseline[-1][1]
+    print(f"| run | final val loss | steps to {target:.3f} (the baseline's final) |\n| --- | --- | --- |")
+    for name, curve in curves.items():
+        steps = steps_to_reach(curve, target)
+        print(f"| {name} | {curve[-1][1]:.3f} | {'never' if steps is None else f'{steps:.0f}'} |")
