@@ -148,7 +148,8 @@ def test_dropout_bits_come_from_a_counter_hash_on_cpu_and_from_jax_random_elsewh
     every element's bits with jax.random."""
     assert random_bits_shapes(step_jaxpr(CPU, drop_rate=0.1)) == {"2,"}
     gpu_shapes = random_bits_shapes(step_jaxpr(CUDA, drop_rate=0.1))
-    assert "2, 16, 32" in gpu_shapes and "2, 4, 16, 16" in gpu_shapes  # the residual stream and attention weights
+    # the residual stream, and the attention weights with the heads as (key/value heads, heads sharing each)
+    assert "2, 16, 32" in gpu_shapes and "2, 4, 1, 16, 16" in gpu_shapes
 
 
 # 2 ** 32: an element counter; 1000: the (row, column) hash that arrays of 2 ** 32 elements or more use
