@@ -20,7 +20,7 @@ from configs import tiny
 from mygpt_jax import sharding
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig, init_params, logical_axes
-from tests.utils import REPO, cli_env, read_metrics, run_cli
+from tests.utils import REPO, assert_mesh_step_matches, cli_env, read_metrics, run_cli, two_sharded_steps
 
 MESHES = [(4, 1, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2)]  # (data, fsdp, tensor)
 DEVICES = "--xla_force_host_platform_device_count=4"
@@ -44,8 +44,7 @@ def mesh_config(data: int, fsdp: int, tensor: int) -> ml_collections.ConfigDict:
 def sharded_steps() -> dict:
     """Two train steps of a tiny model with 2 micro-batches, on one device and on each mesh of MESHES, made and
     run as the trainer does; run in the child."""
-    from mygpt_jax import backends, steps
-    from mygpt_jax.model import GPT
+    from mygpt_jax import steps
 
     cfg, t = tiny_model(), tiny.get_config().train
     tx = steps.create_optimizer(t, total_steps=2)
@@ -53,17 +52,7 @@ def sharded_steps() -> dict:
     starts = np.arange(8).reshape(2, 4) * 40  # 2 micro-batches of 4 windows
 
     def two_steps(mesh):
-        model = GPT(cfg, backends.current(), sharding.activation_constraint(mesh))
-        shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
-        state = steps.init_state(cfg, tx, jax.random.key(0), shardings)
-        step = steps.jit_train_step(model, tx, 2, state_shardings=shardings, batch_sharding=batch_sharding)
-        losses = []
-        for i in range(2):
-            batch = sharding.device_batch(tokens, starts + i, cfg.context_length, batch_sharding)
-            state, metrics = step(state, batch, jax.device_put(jax.random.key(1), sharding.replicated(mesh)))
-            losses.append(float(metrics["loss"]))
-        assert step._cache_size() == 1  # the second call ran the first's program
-        return losses, state
+        return two_sharded_steps(cfg, tx, mesh, tokens, starts)
 
     reference, ref_state = two_steps(sharding.make_mesh(mesh_config(1, 1, 1), jax.devices()[:1]))
     ref_leaves = jax.tree_util.tree_leaves(jax.device_get(ref_state))
@@ -105,10 +94,7 @@ def test_logical_axes_name_every_dimension_of_every_parameter():
 
 @pytest.mark.parametrize("shape", [str(s) for s in MESHES])
 def test_a_step_on_a_mesh_computes_the_single_device_step(on_four_devices, shape):
-    out = on_four_devices
-    assert out["devices"] == 4 and out["single"][1] < out["single"][0]  # it trains
-    np.testing.assert_allclose(out[shape]["losses"], out["single"], rtol=1e-5)
-    assert out[shape]["max_diff"] < 1e-5
+    assert_mesh_step_matches(on_four_devices, shape)
 
 
 def test_the_parameters_and_the_optimizer_state_are_really_split(on_four_devices):

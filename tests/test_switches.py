@@ -25,7 +25,7 @@ from mygpt_jax.export import export, gpt2_shaped
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.model import GPT, KVCache, ModelConfig, count_params, init_cache, init_params, matmul_flops_per_token
 from tests.test_sharding import Shape, devices_env
-from tests.utils import REPO
+from tests.utils import REPO, assert_mesh_step_matches, two_sharded_steps
 
 # 500 tokens padded to 512: soft-capping must leave the padding rows at -inf.
 BASE = ModelConfig(vocab_size=500, vocab_multiple=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
@@ -282,15 +282,7 @@ def modern_sharded_steps() -> dict:
     starts = np.arange(8).reshape(2, 4) * 20  # 2 micro-batches of 4 windows
 
     def two_steps(mesh):
-        model = GPT(cfg, BACKEND, sharding.activation_constraint(mesh))
-        shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
-        state = steps.init_state(cfg, tx, jax.random.key(0), shardings)
-        step = steps.jit_train_step(model, tx, 2, state_shardings=shardings, batch_sharding=batch_sharding)
-        losses = []
-        for i in range(2):
-            batch = sharding.device_batch(tokens, starts + i, cfg.context_length, batch_sharding)
-            state, metrics = step(state, batch, jax.device_put(jax.random.key(1), sharding.replicated(mesh)))
-            losses.append(float(metrics["loss"]))
+        losses, state = two_sharded_steps(cfg, tx, mesh, tokens, starts)
         momentum = {jax.tree_util.keystr(path): list(leaf.addressable_shards[0].data.shape)
                     for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
                     if "'muon'" in jax.tree_util.keystr(path) and ".mu" in jax.tree_util.keystr(path)}
@@ -321,10 +313,7 @@ def on_four_devices():
 
 @pytest.mark.parametrize("shape", [str(s) for s in MESHES])
 def test_a_step_with_every_switch_and_muon_on_a_mesh_computes_the_single_device_step(on_four_devices, shape):
-    out = on_four_devices
-    assert out["devices"] == 4 and out["single"][1] < out["single"][0]  # it trains
-    np.testing.assert_allclose(out[shape]["losses"], out["single"], rtol=1e-5)
-    assert out[shape]["max_diff"] < 1e-5
+    assert_mesh_step_matches(on_four_devices, shape)
 
 
 def test_muons_momentum_is_split_as_its_parameter(on_four_devices):

@@ -98,3 +98,35 @@ def after_the_device_line(result: subprocess.CompletedProcess) -> list[str]:
     lines = result.stderr.strip().splitlines()
     assert lines and lines[0] == describe(), result.stderr
     return lines[1:]
+
+
+def assert_mesh_step_matches(out: dict, shape: str) -> None:
+    """`out` (a 4-device subprocess's report: the single-device losses, and per mesh shape its losses and largest
+    state difference) shows the step on mesh `shape` computing the single-device step, and the model training."""
+    import numpy as np
+
+    assert out["devices"] == 4 and out["single"][1] < out["single"][0]  # it trains
+    np.testing.assert_allclose(out[shape]["losses"], out["single"], rtol=1e-5)
+    assert out[shape]["max_diff"] < 1e-5
+
+
+def two_sharded_steps(cfg, tx, mesh, tokens, starts) -> tuple[list[float], object]:
+    """Two train steps of 2 micro-batches (`starts`: (2, rows) window offsets into `tokens`, moved on by one token
+    for the second) on `mesh`, made as training makes them: (the losses, the state after them). The second step
+    runs the first's compiled program."""
+    import jax
+
+    from mygpt_jax import backends, sharding, steps
+    from mygpt_jax.model import GPT
+
+    model = GPT(cfg, backends.current(), sharding.activation_constraint(mesh))
+    shardings, batch_sharding = sharding.state_shardings(cfg, mesh, tx), sharding.batch_sharding(mesh)
+    state = steps.init_state(cfg, tx, jax.random.key(0), shardings)
+    step = steps.jit_train_step(model, tx, 2, state_shardings=shardings, batch_sharding=batch_sharding)
+    losses = []
+    for i in range(2):
+        batch = sharding.device_batch(tokens, starts + i, cfg.context_length, batch_sharding)
+        state, metrics = step(state, batch, jax.device_put(jax.random.key(1), sharding.replicated(mesh)))
+        losses.append(float(metrics["loss"]))
+    assert step._cache_size() == 1
+    return losses, state
