@@ -44,8 +44,8 @@ def use_compilation_cache(directory: str, min_seconds: float) -> None:
 
 def can_read_profiles() -> bool:
     """Whether this jax reads a profiler trace back in Python (jax.profiler.ProfileData: not in jax 0.5.0 and
-    older)."""
-    return hasattr(jax.profiler, "ProfileData")
+    older; None in jax 0.6.2, whose jaxlib lacks it)."""
+    return getattr(jax.profiler, "ProfileData", None) is not None
 
 
 def _best_seconds(fn: Any, *args: Any, repeats: int) -> float:
