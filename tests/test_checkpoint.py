@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ from tests.utils import (
     popen_cli,
     read_metrics,
     run_cli,
+    user_error_as_nobody,
 )
 
 KEYS = ("update", "train_loss", "val_loss", "batch_loss", "tokens_seen")
@@ -123,26 +123,11 @@ def test_a_read_only_run_folder_is_one_line(tiny_run, tmp_path):
     """Root writes anywhere: the lock is taken by a child process that gives up root for `nobody` first."""
     run_dir = copy_run(tiny_run, tmp_path)
     if os.geteuid() == 0:
-        nobody = pwd.getpwnam("nobody")
-        read, write = os.pipe()
-        child = os.fork()
-        if child == 0:  # pragma: no cover - the child reports through the pipe
-            os.close(read)
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            try:
-                with checkpoint.RunLock(str(run_dir)):
-                    message = "locked"
-            except UserError as e:
-                message = str(e)
-            except BaseException as e:
-                message = f"{type(e).__name__}: {e}"
-            os.write(write, message.encode())
-            os._exit(0)
-        os.close(write)
-        os.waitpid(child, 0)
-        with os.fdopen(read) as pipe:
-            message = pipe.read()
+        def take_the_lock() -> None:
+            with checkpoint.RunLock(str(run_dir)):
+                pass
+
+        message = user_error_as_nobody(take_the_lock)
     else:
         os.chmod(run_dir, 0o555)
         os.chmod(run_dir / "train.lock", 0o444)

@@ -20,9 +20,8 @@ import pytest
 
 from configs.tiny import get_config
 from mygpt_jax import corpus, prepare
-from mygpt_jax.errors import UserError
 from mygpt_jax.tokenizer import END_OF_TEXT_ID, get_tokenizer
-from tests.utils import after_the_device_line, in_small_filesystem, popen_cli, run_cli, words
+from tests.utils import after_the_device_line, in_small_filesystem, popen_cli, run_cli, user_error_as_nobody, words
 
 EOT = [END_OF_TEXT_ID]
 
@@ -337,33 +336,10 @@ def _check(d):
 
 
 def _as_unprivileged(fn, home: Path) -> str:
-    """The UserError message of fn(), run as nobody when this process is root (else as it is); '' if none."""
+    """The UserError message of fn(), run as nobody when this process is root (else as it is); '' if none. The
+    tokenizer is loaded once first, so that the child finds its cache in place."""
     prepare.prepare(*_check(data_config(Path(corpus.default_text_path()), home / "warm")), 1, progress=False)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        status = 0
-        try:
-            os.close(read)
-            if os.geteuid() == 0:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-            os.environ["HOME"] = str(home)
-            fn()
-            os.write(write, b"")
-        except UserError as e:
-            os.write(write, str(e).encode())
-        except BaseException as e:  # reported to the parent, which fails the test
-            os.write(write, f"unexpected {type(e).__name__}: {e}".encode())
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        message = f.read().decode()
-    os.waitpid(pid, 0)
-    return message
+    return user_error_as_nobody(fn, home)
 
 
 def test_folders_prepared_before_the_record_keys_keep_their_names(books, tmp_path):

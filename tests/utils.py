@@ -130,3 +130,36 @@ def two_sharded_steps(cfg, tx, mesh, tokens, starts) -> tuple[list[float], objec
         losses.append(float(metrics["loss"]))
     assert step._cache_size() == 1
     return losses, state
+
+
+def user_error_as_nobody(fn, home=None) -> str:
+    """The UserError message of fn() ('' if it raises none), run in a forked child that gives up root for `nobody`
+    first when this process is root (root reads and writes past any permission), with HOME at `home` if given."""
+    from mygpt_jax.errors import UserError
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 0
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            if home is not None:
+                os.environ["HOME"] = str(home)
+            fn()
+            os.write(write, b"")
+        except UserError as e:
+            os.write(write, str(e).encode())
+        except BaseException as e:  # reported to the parent, which fails the test
+            os.write(write, f"unexpected {type(e).__name__}: {e}".encode())
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    return message
