@@ -76,11 +76,21 @@ def _unretrieved(record: logging.LogRecord) -> bool:
 def quiet_failed_futures() -> Iterator[None]:
     """When one of Orbax's reads or writes fails, the others' futures hold the same failure, and asyncio logs each
     as "exception was never retrieved" when it is collected: while Orbax unwinds, or at exit. Within the block
-    those logs are dropped; after a failure, for good (the leftovers may be collected later)."""
+    those logs are dropped; after a failure, for good (the leftovers may be collected later, also after a later
+    read of the same checkpoint succeeds, as the diagnosis of a damaged step reads its other parts)."""
     logger = logging.getLogger("asyncio")
     logger.addFilter(_unretrieved)
-    yield
-    logger.removeFilter(_unretrieved)
+    try:
+        yield
+    except BaseException:
+        _failed_once.append(True)
+        raise
+    finally:
+        if not _failed_once:
+            logger.removeFilter(_unretrieved)
+
+
+_failed_once: list[bool] = []  # whether a read or write in `quiet_failed_futures` has failed in this process
 
 
 def _muon_applies_shape_factor() -> bool:
