@@ -140,6 +140,7 @@ class Checkpointer:
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         compat.quiet_orbax_leftovers()
+        compat.save_replicas_whole()
         try:
             with compat.no_orbax_error_logs(), compat.quiet_failed_futures():
                 self._manager.save(step, args=ocp.args.Composite(**items), force=True)

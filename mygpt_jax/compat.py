@@ -11,6 +11,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -91,6 +92,33 @@ def quiet_failed_futures() -> Iterator[None]:
 
 
 _failed_once: list[bool] = []  # whether a read or write in `quiet_failed_futures` has failed in this process
+
+
+def _orbax_slices_replicas_under_a_setter(orbax_version: str) -> bool:
+    """Orbax after 0.11.28 (commit 5a0bd479), saving a shard that several devices hold, has each of them write a
+    slice of it, cut `with jax.sharding.set_mesh(...)` (ReplicaSlice.data in _src/serialization/replica_slices.py);
+    jax made `set_mesh` a context manager in 0.7.1: before (0.6.2, the Python 3.10 line, with Orbax 0.11.39) it is
+    a plain setter, and every save of a replicated array (any mesh of several devices) raised AttributeError
+    __enter__. Orbax 0.11.5 (the jax 0.5.0 line) never slices; 0.12.8 runs on jax 0.10.x."""
+    orbax = tuple(int(n) for n in re.findall(r"\d+", orbax_version)[:3])
+    return orbax > (0, 11, 28) and not hasattr(getattr(jax.sharding, "set_mesh", None), "__enter__")
+
+
+@functools.cache  # register the handler once
+def save_replicas_whole() -> None:
+    """Where Orbax cannot cut replicated shards (`_orbax_slices_replicas_under_a_setter`), one device writes each
+    shard whole, as Orbax 0.11.5 always did: its jax.Array handler with replica-parallel saving off, and otherwise
+    as Orbax registers it (with the store of the arrays' metadata, which only its private module names)."""
+    import orbax.checkpoint as ocp  # here: the optimizer's modules import this one, and need no Orbax
+
+    if not _orbax_slices_replicas_under_a_setter(ocp.__version__):
+        return
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                             array_metadata_store=array_metadata_store.Store())
+    with no_orbax_error_logs():  # Orbax warns of every handler it replaces
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 def _muon_applies_shape_factor() -> bool:
