@@ -6,9 +6,11 @@ source was: the corpus fingerprint and, for epochs, the epoch and windows done; 
 corpora existed hold the epoch and batch position instead). Sampling and evaluation restore `params` alone.
 
 `Checkpointer` is a run's one Orbax `CheckpointManager`: training opens it once, asks it what to resume from
-(`to_resume`), saves through it and closes it once; readers (`read_newest`) open one read-only. Saving is
-synchronous: the training step donates its buffers, so an asynchronous save could read memory the next step
-already reuses. Nothing here deletes what a run made: a fresh start and a resume from an older step move the
+(`to_resume`), saves through it and closes it once; readers (`read_newest`) open one read-only. A save is
+synchronous unless `train.async_checkpoint` asks for Orbax's background write: Orbax then returns once it holds
+the arrays in host memory, and the donated state stays safe (on a CPU Orbax keeps views of the device buffers,
+and JAX copies a buffer with a live view instead of donating it; tests/test_checkpoint.py checks the bytes on both
+JAX lines). Nothing here deletes what a run made: a fresh start and a resume from an older step move the
 checkpoints they set aside into `<run>/previous/<timestamp>/`, a name Orbax never reads as a step.
 `RunLock` keeps a second training out of a run folder that one is using.
 """
@@ -23,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,15 +47,18 @@ class Checkpointer:
     """The checkpoints of one run folder through one Orbax CheckpointManager, closed once (`with`)."""
 
     def __init__(self, run_dir: str, max_to_keep: int | None = None, read_only: bool = False,
-                 learning_rate: float | None = None):
+                 learning_rate: float | None = None, background: bool = False):
         self.run_dir, self.read_only, self.learning_rate = run_dir, read_only, learning_rate
+        self.background = background
         self.saved_step: int | None = None  # the newest step of this run on disk, once resumed or saved
+        self.writing: int | None = None  # the step a background write is finishing
+        self.wait_s = 0.0  # the seconds the caller waited in save() and wait(): what checkpoints cost training
         self._manager = None
         if not (read_only and not os.path.isdir(run_dir)):  # a reader of a folder that is not there sees no steps
             # A reader is not Orbax's read_only (which logs warnings): it just never saves.
             options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                                    cleanup_tmp_directories=not read_only,
-                                                   enable_async_checkpointing=False)
+                                                   enable_async_checkpointing=background)
             self._manager = _listing(lambda: ocp.CheckpointManager(os.path.abspath(run_dir), options=options))
 
     def __enter__(self) -> Checkpointer:
@@ -63,8 +69,25 @@ class Checkpointer:
 
     def close(self) -> None:
         if self._manager is not None:
-            self._manager.close()
-            self._manager = None
+            try:
+                self.wait()
+            finally:
+                self._manager.close()
+                self._manager = None
+
+    def wait(self) -> None:
+        """Return once the background write (if any) is on disk; its failure is one line naming the step."""
+        if self.writing is None:
+            return
+        start = time.perf_counter()
+        try:
+            with compat.no_orbax_error_logs(), compat.quiet_failed_futures():
+                self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._not_written(self.writing, e) from e
+        finally:
+            self.wait_s += time.perf_counter() - start
+            self.writing = None
 
     def steps(self) -> list[int]:
         """The finished steps on disk now (read afresh: another process may have added or rotated some)."""
@@ -141,12 +164,17 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         compat.quiet_orbax_leftovers()
         compat.save_replicas_whole()
+        self.wait()  # a failed background write is named as itself, before this step is begun
+        start = time.perf_counter()
         try:
             with compat.no_orbax_error_logs(), compat.quiet_failed_futures():
                 self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # Orbax and TensorStore raise many types; a full disk is one of them
             raise self._not_written(step, e) from e
+        finally:
+            self.wait_s += time.perf_counter() - start
         self.saved_step = step
+        self.writing = step if self.background else None
 
     def _not_written(self, step: int, error: Exception) -> UserError:
         full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or \

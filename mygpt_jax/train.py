@@ -46,7 +46,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
     with contextlib.ExitStack() as stack:
         if primary:
             stack.enter_context(checkpoint.RunLock(run_dir))
-        checkpoints = stack.enter_context(Checkpointer(run_dir, t.max_to_keep, learning_rate=t.learning_rate))
+        checkpoints = stack.enter_context(Checkpointer(run_dir, t.max_to_keep, learning_rate=t.learning_rate,
+                                                             background=t.async_checkpoint))
         saved = checkpoints.to_resume(config, say)
         prepared = _prepared_corpus(config, saved, say)
         for name, split in (("training", prepared.train), ("validation", prepared.val)):
@@ -111,9 +112,11 @@ class _Loop:
                 self.evaluator.pause(tokens_seen)
             if stopping and step + 1 < total:  # Ctrl-C or SIGTERM (on any process): save this step, stop
                 self._save(state, step + 1, tokens_seen)
+                self.checkpoints.wait()
                 distributed.barrier("saved")  # a process that left early would fail the others mid-save
                 raise _stopped(stop, self.checkpoints)
         self._save(state, total, tokens_seen)
+        self.checkpoints.wait()  # the run's last checkpoint on disk before it says it finished
         self.tokens_seen = tokens_seen
         return state
 
@@ -215,7 +218,8 @@ def _summarise(config: ml_collections.ConfigDict, run_dir: str, state: Any, loop
     wall_s = time.time() - loop.evaluator.start_time
     summary = {"run_dir": run_dir, "num_params": count_params(state.params), "updates": int(state.step),
                "tokens_seen": loop.tokens_seen, "wall_s": wall_s, "startup_s": loop.startup_s,
-               "compile_s": loop.compile_s, "data": {"folder": prepared.folder, "fingerprint": prepared.fingerprint}}
+               "compile_s": loop.compile_s, "checkpoint_wait_s": loop.checkpoints.wait_s,
+               "data": {"folder": prepared.folder, "fingerprint": prepared.fingerprint}}
     primary = distributed.is_primary()
     if records and primary:
         summary.update(final_train_loss=records[-1]["train_loss"], final_val_loss=records[-1]["val_loss"],

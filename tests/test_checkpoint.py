@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import ml_collections
 import pytest
 
@@ -151,15 +152,47 @@ def test_the_model_shape_of_a_checkpoint_is_checked_before_any_array_is_read(tin
     assert json.loads((run_dir / "summary.json").read_text())["updates"] == 72
 
 
-def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_a_full_disk_while_checkpointing_is_one_line(tmp_path, background):
+    """The same line whether the write fails in the save itself or in Orbax's background thread."""
     ckpt = tmp_path / "small"
     ckpt.mkdir()
     # 6 MB: the prepared verdict and the metrics fit, a checkpoint of the 3M-parameter model (39 MB) does not.
     result = in_small_filesystem(6, ckpt, [sys.executable, "-m", "mygpt_jax.train", "--config", "configs/tiny.py",
                                            f"--config.checkpoint_dir={ckpt}", "--config.train.flops_matmul_size=0",
-                                           "--config.train.max_steps=3", "--config.compilation_cache_dir="])
+                                           "--config.train.max_steps=3", "--config.compilation_cache_dir=",
+                                           f"--config.train.async_checkpoint={background}"])
     lines = after_the_device_line(result)
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0] == (f"error: the disk is full: checkpoint 3 could not be written to {ckpt}/tiny (no checkpoint "
                         "was kept); free some space and rerun the same command to resume")
     shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def test_an_asynchronous_save_keeps_its_step_while_the_next_steps_reuse_the_donated_state(tmp_path):
+    """train.async_checkpoint: Orbax writes update 1 in the background while updates 2-4 run on the state the step
+    donates; the update read back is bitwise the one a synchronous save wrote (docs/performance.md)."""
+    from mygpt_jax import run_setup, sharding
+    from tests.test_run_setup import tiny_config
+
+    run = run_setup.setup(tiny_config(), total_steps=10)
+    batch = jax.device_put(np.arange(4 * 33, dtype=np.int32).reshape(1, 4, 33) % 50257, run.batch_sharding)
+    rng = sharding.put(jax.random.key(1), sharding.replicated(run.mesh))
+    state = run.fresh_state(jax.random.key(0))
+    step, _ = run.compile_train_step(state, batch, rng)
+    state, _ = step(state, batch, rng)
+    with checkpoint.Checkpointer(str(tmp_path / "sync")) as synchronous:
+        synchronous.save_state(state, {})
+    with checkpoint.Checkpointer(str(tmp_path / "async"), background=True) as background:
+        background.save_state(state, {})
+        for _ in range(3):
+            state, _ = step(state, batch, rng)
+        jax.block_until_ready(state)
+    abstract = run.abstract_state()
+    written = []
+    for folder in ("sync", "async"):
+        with checkpoint.Checkpointer(str(tmp_path / folder), read_only=True) as reader:
+            written.append(reader.restore_state(1, abstract.params, abstract.opt_state))
+    assert int(state.step) == 4
+    for a, b in zip(jax.tree.leaves(written[0]), jax.tree.leaves(written[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
