@@ -2,18 +2,20 @@
 alone, all of them together, and Muon against AdamW each at its best of three learning rates.
 
     python -m mygpt_jax.experiments experiments/modern.py --dry-run   # the 16 runs, nothing trained
-    python -m mygpt_jax.experiments experiments/modern.py             # about 4 hours on 2 CPU cores (estimated)
+    python -m mygpt_jax.experiments experiments/modern.py             # about 75 minutes on 2 CPU cores
     python -m mygpt_jax.experiments experiments/modern_confirm.py     # then: the recipe on a seed it was not chosen on
 
 On configs/pystdlib.py's corpus (the Python standard library), one size and one token budget for every run: emb_dim
 256, 8 layers, 4 heads of 64 (GPT-2's head size; the rotary switch needs it even), context 128, 16 windows a step,
-180 steps (368,640 tokens, warmup 20, cosine to a tenth), validation every 30 steps on 2 batches. Why this size:
-at GPT-2's 50,257-token vocabulary the tied embedding is 12.9M parameters whatever the blocks are; pystdlib's 4
-layers make the blocks 3.1M of 16M (20%), so any switch inside them could only move a fifth of the model. 8
-layers give the blocks 6.3M of 19.2M parameters (33%), about a third of the matrix FLOPs, at a cost per token
-(118 MFLOP) that fits 16 runs of 180 steps in about 4 hours at the ~55 GFLOP/s configs/pystdlib.py's run reached
-on 2 cores (README), about 14 minutes a run; shorter contexts keep attention cheap. One seed per variant, seed 1
-(the issue's budget: two for the baseline and the recipe, the second in experiments/modern_confirm.py). Runs
+120 steps (245,760 tokens, warmup 20, cosine to a tenth), validation every 20 steps on 2 batches (the same 32
+windows for every run, so runs are compared on the same text). Why this size: at GPT-2's 50,257-token vocabulary
+the tied embedding is 12.9M parameters whatever the blocks are; pystdlib's 4 layers make the blocks 3.1M of 16M
+(20%), so any switch inside them could only move a fifth of the model. 8 layers give the blocks 6.3M of 19.2M
+parameters (33%), about a third of the matrix FLOPs (118 MFLOP a token). On the development machine's 2 cores a
+step takes about 2 s (about 1,000 tokens/s), so a run takes about 4.5 minutes and the 16 about 75: the budget of
+4 hours is a ceiling, and 120 steps leave room for the confirmation runs and the test suite on the same two cores
+in one working session. Shorter contexts keep attention cheap. One seed per variant, seed 1 (the issue's budget:
+two for the baseline and the recipe, the second in experiments/modern_confirm.py). Runs
 resume across sessions; rerunning skips finished ones. `bench` gives the tokens/s of each switch on an idle
 machine (the sweep's own tokens/s are those of a shared one).
 
@@ -24,8 +26,8 @@ machine (the sweep's own tokens/s are those of a shared one).
 import itertools
 
 BASE = "configs/pystdlib.py"
-_size = {"model.n_layers": 8, "model.context_length": 128, "train.max_steps": 180, "train.warmup_steps": 20,
-        "train.eval_freq": 30, "train.eval_iter": 2, "train.checkpoint_every": 30, "train.sample_every": 0}
+_size = {"model.n_layers": 8, "model.context_length": 128, "train.max_steps": 120, "train.warmup_steps": 20,
+        "train.eval_freq": 20, "train.eval_iter": 2, "train.checkpoint_every": 40, "train.sample_every": 0}
 _muon = {"train.optimizer": "muon"}
 _all = {"model.position": "rope", "model.norm": "rmsnorm", "model.qk_norm": True, "model.mlp": "relu2",
        "model.bias": False, "model.zero_init_proj": True, "model.logit_softcap": 15.0, **_muon}
