@@ -62,6 +62,19 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
     return None
 
 
+def non_embedding_params(run_dir: str) -> int:
+    """The parameters outside the token and position tables, of the model the run's newest checkpoint holds."""
+    import jax
+    import ml_collections
+
+    from mygpt_jax.checkpoint import restore_meta
+    from mygpt_jax.model import ModelConfig, count_params, init_params
+
+    cfg = ModelConfig.from_config(ml_collections.ConfigDict(restore_meta(run_dir)["config"]["model"]))
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return count_params(params) - sum(params[table]["embedding"].size for table in ("wte", "wpe") if table in params)
+
+
 if __name__ == "__main__":  # python experiments/modern.py DIR: each run's steps to the baseline's final val loss
     import json
     import sys
@@ -69,14 +82,17 @@ if __name__ == "__main__":  # python experiments/modern.py DIR: each run's steps
 
     sweep = Path(sys.argv[1] if len(sys.argv) > 1 else "checkpoints/experiments/modern")
     curves = {}
-    for metrics in sorted(sweep.glob("*/metrics.jsonl")):
+    for summary in sorted(sweep.glob("*/summary.json")):  # the finished runs
+        metrics = summary.parent / "metrics.jsonl"
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         curves[metrics.parent.name] = [(r["update"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     baseline = next((curve for name, curve in curves.items() if name.startswith("gpt2-")), None)
     if baseline is None:
-        sys.exit(f"error: no gpt2-s* run with metrics.jsonl in {sweep}; run the sweep first")
+        sys.exit(f"error: no finished gpt2-s* run in {sweep}; run the sweep first")
     target = baseline[-1][1]
-    print(f"| run | final val loss | steps to {target:.3f} (the baseline's final) |\n| --- | --- | --- |")
+    print(f"| run | non-embedding parameters | final val loss | best val loss | steps to {target:.3f} (the "
+          "baseline's final) |\n| --- | --- | --- | --- | --- |")
     for name, curve in curves.items():
         steps = steps_to_reach(curve, target)
-        print(f"| {name} | {curve[-1][1]:.3f} | {'never' if steps is None else f'{steps:.0f}'} |")
+        print(f"| {name} | {non_embedding_params(str(sweep / name)) / 1e6:.2f}M | {curve[-1][1]:.3f} | "
+              f"{min(loss for _, loss in curve):.3f} | {'never' if steps is None else f'{steps:.0f}'} |")
