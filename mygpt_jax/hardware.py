@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -40,6 +41,10 @@ def use_compilation_cache(directory: str, min_seconds: float) -> None:
         return
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+    # jax writes an entry in place, so a command reading while another writes the same one (two processes of one
+    # run, two commands at once) may find it cut short: jax then compiles the program itself, which is all that
+    # is needed, but first warns with its source line.
+    warnings.filterwarnings("ignore", message="Error (reading|writing) persistent compilation cache entry")
 
 
 def can_read_profiles() -> bool:

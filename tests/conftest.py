@@ -23,8 +23,13 @@ DROPPED = "model.ckpt.data-00000-of-00001"  # the file that mode "drop" cuts sho
 @pytest.fixture(autouse=True, scope="session")
 def compilation_cache(tmp_path_factory) -> Iterator[Path]:
     """The commands the tests run share one compilation cache (config.compilation_cache_dir's default, under
-    XDG_CACHE_HOME) in a temporary folder, not the developer's ~/.cache."""
-    folder, before = tmp_path_factory.mktemp("xdg_cache"), os.environ.get("XDG_CACHE_HOME")
+    XDG_CACHE_HOME) in a temporary folder, not the developer's ~/.cache; xdist's workers share it through their
+    session's common folder, so a program one worker's commands compiled is read, not compiled again, by the
+    other's (most of the tests' commands run configs/tiny.py's few programs)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xdg_cache"
+    folder.mkdir(exist_ok=True)
+    before = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(folder)
     yield folder / "mygpt_jax" / "xla"
     if before is None:

@@ -10,8 +10,8 @@ import sys
 import time
 
 import jax
-import numpy as np
 import ml_collections
+import numpy as np
 import pytest
 
 from mygpt_jax import checkpoint
