@@ -455,9 +455,6 @@ def main(argv: Sequence[str]) -> int:
     sweep = load_sweep(path)
     common = (sweep.quick if quick else []) + overrides
     plan = Plan(sweep, make_runs(sweep, common), common, f"python -m mygpt_jax.experiments {shlex.join(argv)}")
-    if dry:
-        dry_run(plan)
-        return 0
     backend = backends.current()
     print(backends.describe(), file=sys.stderr, flush=True)
     for run in plan.runs:  # before finished_runs compares them with the checkpoints, which hold resolved values
@@ -465,6 +462,9 @@ def main(argv: Sequence[str]) -> int:
             backends.resolve(run.config, backend)
         except UserError as e:
             raise ConfigError(f"{sweep.path}: run {run.name}: {e}") from None
+    if dry:
+        dry_run(plan)
+        return 0
     failed = run_sweep(plan)
     if failed:
         print(f"error: {failed} of {len(plan.runs)} runs failed; their errors are in results.md and results.csv",

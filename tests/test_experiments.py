@@ -78,6 +78,8 @@ def test_rerunning_a_finished_sweep_trains_nothing(sweep, capsys):
     path, args, sweep_dir, _ = sweep
     before = {run: os.path.getmtime(sweep_dir / run / "summary.json") for run in ("train_ratio=0.8-s1",
                                                                                   "train_ratio=0.9-s2")}
+    assert experiments.main([path, "--dry-run", *args]) == 0  # it compares the runs with their resolved settings
+    assert capsys.readouterr().out.count(" -- finished") == 4
     assert experiments.main([path, *args]) == 0
     out = capsys.readouterr().out
     assert trained_runs(out) == [] and out.count("finished earlier: best val") == 4
