@@ -15,5 +15,6 @@ def get_config():
     c.train.eval_freq = 10
     c.train.eval_iter = 2
     c.train.checkpoint_every = 20
+    c.train.flops_matmul_size = 0  # no matmul-rate measurement at start: it would take longer than the training
     c.sample.max_new_tokens = 10
     return c

@@ -17,7 +17,8 @@ TINY = os.path.join(REPO, "configs", "tiny.py")
 # configs/tiny.py trained for 2 epochs (72 updates): evaluations every 5 steps, checkpoints every 10 (70 and 72 kept);
 # the suite trains it once (conftest.py's `tiny_run`).
 TINY_RUN = ["--config.train.num_epochs=2", "--config.train.eval_freq=5", "--config.train.checkpoint_every=10",
-            "--config.sample.num_samples=2"]  # the sample command's setting: training still prints one per epoch
+            "--config.sample.num_samples=2",  # the sample command's setting: training still prints one per epoch
+            "--config.train.flops_matmul_size=256"]  # the Speed line and flops_fraction, from a quick measurement
 
 
 def cli_env() -> dict:
