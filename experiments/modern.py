@@ -37,17 +37,17 @@ VARIANTS = {name: {**_size, **switches} for name, switches in {
     "rmsnorm": {"model.norm": "rmsnorm"},
     "qk_norm": {"model.qk_norm": True},
     "relu2": {"model.mlp": "relu2"},
+    "all": _all,  # then what decides the recipe and the goal: everything together, Muon's and AdamW's rates
+    "muon_lr0.02": {**_muon, "train.muon_learning_rate": 0.02},
+    "muon_lr0.01": {**_muon, "train.muon_learning_rate": 0.01},
+    "muon_lr0.04": {**_muon, "train.muon_learning_rate": 0.04},
+    "adamw_lr2e-3": {"train.learning_rate": 2e-3},
+    "adamw_lr5e-4": {"train.learning_rate": 5e-4},
     "swiglu": {"model.mlp": "swiglu"},
     "gqa": {"model.n_kv_heads": 2},
     "no_bias": {"model.bias": False},
     "zero_init_proj": {"model.zero_init_proj": True},
     "softcap": {"model.logit_softcap": 15.0},
-    "all": _all,
-    "adamw_lr5e-4": {"train.learning_rate": 5e-4},
-    "adamw_lr2e-3": {"train.learning_rate": 2e-3},
-    "muon_lr0.01": {**_muon, "train.muon_learning_rate": 0.01},
-    "muon_lr0.02": {**_muon, "train.muon_learning_rate": 0.02},
-    "muon_lr0.04": {**_muon, "train.muon_learning_rate": 0.04},
 }.items()}
 SEEDS = [1]
 METRICS = ["best_val_loss", "final_val_loss", "num_params", "tokens_per_s", "wall_s"]
