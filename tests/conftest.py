@@ -20,22 +20,6 @@ from mygpt_jax.pretrained.download import FILENAMES, HUB_MODELS
 DROPPED = "model.ckpt.data-00000-of-00001"  # the file that mode "drop" cuts short
 
 
-# The files that take longest, first (as measured, longest first): xdist's loadfile hands the files out in
-# collection order (pyproject's --no-loadscope-reorder), so the two workers end on short files, together, instead of
-# one waiting while the other runs a long file last.
-LONGEST_FIRST = ("test_multiprocess.py", "test_switches.py", "test_train_cli.py", "test_sharding.py",
-                 "test_checkpoint.py", "test_train_corpus.py", "test_model.py", "test_pretrained_cli.py",
-                 "test_generate.py", "test_backends.py", "test_muon.py", "test_experiments.py", "test_serve.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: each file's tests keep their order
-
-
 @pytest.fixture(autouse=True, scope="session")
 def compilation_cache(tmp_path_factory) -> Iterator[Path]:
     """The commands the tests run share one compilation cache (config.compilation_cache_dir's default, under
