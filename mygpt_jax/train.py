@@ -47,7 +47,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict:
         if primary:
             stack.enter_context(checkpoint.RunLock(run_dir))
         checkpoints = stack.enter_context(Checkpointer(run_dir, t.max_to_keep, learning_rate=t.learning_rate,
-                                                             background=t.async_checkpoint))
+                                                       background=t.async_checkpoint))
         saved = checkpoints.to_resume(config, say)
         prepared = _prepared_corpus(config, saved, say)
         for name, split in (("training", prepared.train), ("validation", prepared.val)):
