@@ -40,6 +40,7 @@ from mygpt_jax.errors import UserError
 
 META_FORMAT = 2  # 1 (no "format" key): the epoch and batch position of the in-memory verdict windows
 PREVIOUS = "previous"  # <run>/previous/<timestamp>/: what a fresh start or an older resume set aside
+ROTATED = ".rotated"  # <run>/.rotated/<step>/: a step rotated out, moved there whole, deleted after the save
 
 
 
@@ -56,9 +57,12 @@ class Checkpointer:
         self._manager = None
         if not (read_only and not os.path.isdir(run_dir)):  # a reader of a folder that is not there sees no steps
             # A reader is not Orbax's read_only (which logs warnings): it just never saves.
+            # A step rotated out is renamed away in one move, not deleted file by file where it is: a reader
+            # beside the training sees it whole or gone, never half-deleted (which would read as damaged).
             options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                                    cleanup_tmp_directories=not read_only,
-                                                   enable_async_checkpointing=background)
+                                                   enable_async_checkpointing=background,
+                                                   todelete_subdir=None if read_only else ROTATED)
             self._manager = _listing(lambda: ocp.CheckpointManager(os.path.abspath(run_dir), options=options))
 
     def __enter__(self) -> Checkpointer:
@@ -74,6 +78,8 @@ class Checkpointer:
             finally:
                 self._manager.close()
                 self._manager = None
+            if not self.read_only:
+                self._delete_rotated()
 
     def wait(self) -> None:
         """Return once the background write (if any) is on disk; its failure is one line naming the step."""
@@ -88,6 +94,12 @@ class Checkpointer:
         finally:
             self.wait_s += time.perf_counter() - start
             self.writing = None
+        self._delete_rotated()
+
+    def _delete_rotated(self) -> None:
+        rotated = os.path.join(self.run_dir, ROTATED)
+        if distributed.is_primary() and os.path.isdir(rotated):
+            shutil.rmtree(rotated, ignore_errors=True)
 
     def steps(self) -> list[int]:
         """The finished steps on disk now (read afresh: another process may have added or rotated some)."""
@@ -175,6 +187,8 @@ class Checkpointer:
             self.wait_s += time.perf_counter() - start
         self.saved_step = step
         self.writing = step if self.background else None
+        if not self.background:
+            self._delete_rotated()
 
     def _not_written(self, step: int, error: Exception) -> UserError:
         full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or \
@@ -231,7 +245,7 @@ class Checkpointer:
         return meta
 
     def _earlier_records(self) -> bool:
-        return any(n not in (PREVIOUS, RunLock.NAME) for n in os.listdir(self.run_dir))
+        return any(n not in NOT_RECORDS for n in os.listdir(self.run_dir))
 
     def set_aside(self, keep_until: int | None) -> str:
         """Move the steps after `keep_until` (None: the whole earlier run, its records too) into
@@ -239,7 +253,7 @@ class Checkpointer:
         distributed.barrier("found")
         folder = os.path.join(self.run_dir, PREVIOUS, datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
         if keep_until is None:
-            names = [n for n in os.listdir(self.run_dir) if n not in (PREVIOUS, RunLock.NAME)]
+            names = [n for n in os.listdir(self.run_dir) if n not in NOT_RECORDS]
         else:
             names = [str(s) for s in self.steps() if s > keep_until]
         size = sum(_size(os.path.join(self.run_dir, n)) for n in names)
@@ -409,6 +423,9 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.file.close()  # releases the flock; the file stays, naming the last holder
+
+
+NOT_RECORDS = (PREVIOUS, ROTATED, RunLock.NAME)  # in a run folder, what is not the run's own record
 
 
 def _holder(text: str) -> str:

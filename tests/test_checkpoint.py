@@ -103,6 +103,33 @@ def test_a_reader_takes_the_next_newest_step_when_one_vanishes_while_it_reads(ti
     assert jax.tree.leaves(params)[0].shape
 
 
+def test_a_step_rotated_out_is_never_seen_half_deleted(tmp_path, monkeypatch):
+    """The training's rotation removes a step while a reader may be reading it: the reader must find it whole or
+    gone, never with some files deleted, which reads as damage (a slow reader hit that beside a real training)."""
+    params = init_params(ModelConfig(vocab_size=64, context_length=8, emb_dim=8, n_heads=2, n_layers=1),
+                         jax.random.PRNGKey(0))
+    run_dir, outcomes, real_rmtree = tmp_path / "run", [], shutil.rmtree
+
+    def removal_read_half_way(path, *args, **kwargs):  # the removal has taken the params when a reader looks
+        for step_dir in [path] if os.path.basename(path).isdigit() else [os.path.join(path, n) for n in
+                                                                        os.listdir(path)]:
+            real_rmtree(os.path.join(step_dir, "params"))
+            try:
+                with checkpoint.Checkpointer(str(run_dir), read_only=True) as reader:
+                    reader.restore_params(int(os.path.basename(step_dir)), jax.eval_shape(lambda: params))
+                outcomes.append("read")
+            except (checkpoint.Vanished, checkpoint.Damaged) as e:
+                outcomes.append(type(e).__name__)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", removal_read_half_way)
+    with checkpoint.Checkpointer(str(run_dir), max_to_keep=1) as writer:
+        for step in (1, 2, 3):
+            writer.save(step, params, {"step": step})
+    assert outcomes == ["Vanished", "Vanished"]
+    assert sorted(os.listdir(run_dir)) == ["3"]  # the steps rotated out are deleted after the save
+
+
 def test_readers_beside_a_training_that_checkpoints_every_step(tmp_path):
     args = [f"--config.checkpoint_dir={tmp_path}", "--config.train.checkpoint_every=1", "--config.sample.prompt=",
             "--config.train.flops_matmul_size=0", "--config.train.eval_freq=100"]
