@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 
 from mygpt_jax.pretrained.download import FILENAMES, HUB_MODELS
+from tests.utils import QUICK_COMPILE
+
+# Read when jax starts its CPU backend, after this: the suite's own processes compile at XLA's lowest level.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {QUICK_COMPILE}".strip()
 
 DROPPED = "model.ckpt.data-00000-of-00001"  # the file that mode "drop" cuts short
 

@@ -7,7 +7,6 @@ pytest-xdist worker (--dist loadfile), so no other test's processes compete with
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -16,17 +15,10 @@ import time
 
 import numpy as np
 
-from tests.utils import REPO, TINY, checkpoint_steps, cli_env, read_metrics
+from tests.utils import REPO, TINY, checkpoint_steps, devices_env, read_metrics
 
-RUN = ["--config.train.flops_matmul_size=0", "--config.train.num_epochs=5", "--config.train.eval_freq=20",
+RUN = ["--config.train.flops_matmul_size=0", "--config.train.num_epochs=3", "--config.train.eval_freq=20",
        "--config.train.checkpoint_every=1000", "--config.model.drop_rate=0.1"]
-
-
-def devices_env(n: int) -> dict:
-    env = dict(cli_env(), XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}")
-    for proxy in ("no_proxy", "NO_PROXY"):  # jax.distributed warns of any proxy setting; these talk to 127.0.0.1 only
-        env.pop(proxy, None)
-    return env
 
 
 def free_port() -> int:
@@ -80,7 +72,7 @@ def test_two_processes_train_one_run_stop_together_and_resume(tmp_path):
     for err in (err0, err1):  # the notice went through jax's preemption notifier: the one who got it is not told
         assert "Stopped by a signal to a process of the run: saved update " in err and "Traceback" not in err, err
     saved = int(err0.split("saved update ")[1].split()[0])
-    assert saved == int(err1.split("saved update ")[1].split()[0]) and 21 <= saved < 180  # the same step
+    assert saved == int(err1.split("saved update ")[1].split()[0]) and 21 <= saved < 108  # the same step
     assert checkpoint_steps(tmp_path / "two" / "tiny") == [saved]
     assert "Ep 1 (Step 000000)" in out0 and out1 == ""  # the first process alone prints; gloo nothing
     assert err0.splitlines()[0].endswith("4 devices, process 0 of 2")
@@ -90,7 +82,7 @@ def test_two_processes_train_one_run_stop_together_and_resume(tmp_path):
     assert [r[0] for r in resumed] == [0, 0], [r[2][-2000:] for r in resumed]
     assert f"Resuming {tmp_path / 'two' / 'tiny'} from update {saved}" in resumed[0][1]
     assert resumed[1][1] == ""
-    epoch_ends = sum(step >= saved for step in (35, 71, 107, 143, 179))  # a sample after each, by the first process
+    epoch_ends = sum(step >= saved for step in (35, 71, 107))  # a sample after each, by the first process
     assert resumed[0][1].count("Every effort moves you") == epoch_ends
     # ... and writes metrics.jsonl: each evaluation once, the losses of one process with the same 4 devices.
     two, one = losses(tmp_path / "two" / "tiny"), losses(tmp_path / "one" / "tiny")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -20,14 +19,18 @@ from configs import tiny
 from mygpt_jax import sharding
 from mygpt_jax.errors import UserError
 from mygpt_jax.model import ModelConfig, init_params, logical_axes
-from tests.utils import REPO, assert_mesh_step_matches, cli_env, read_metrics, run_cli, two_sharded_steps
+from tests.utils import (
+    REPO,
+    assert_mesh_step_matches,
+    devices_env,
+    json_on_devices,
+    read_metrics,
+    run_cli,
+    two_sharded_steps,
+)
 
 MESHES = [(4, 1, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2)]  # (data, fsdp, tensor)
 DEVICES = "--xla_force_host_platform_device_count=4"
-
-
-def devices_env(n: int = 4) -> dict:
-    return dict(cli_env(), XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}")
 
 
 def tiny_model() -> ModelConfig:
@@ -73,11 +76,7 @@ def sharded_steps() -> dict:
 
 @pytest.fixture(scope="module")
 def on_four_devices():
-    code = "import json; from tests.test_sharding import sharded_steps; print(json.dumps(sharded_steps()))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=devices_env(), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json_on_devices("tests.test_sharding", "sharded_steps")
 
 
 def test_logical_axes_name_every_dimension_of_every_parameter():

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +21,8 @@ from mygpt_jax.errors import UserError
 from mygpt_jax.export import export, gpt2_shaped
 from mygpt_jax.generate import Generator, SamplingSettings
 from mygpt_jax.model import GPT, KVCache, ModelConfig, count_params, init_cache, init_params, matmul_flops_per_token
-from tests.test_sharding import Shape, devices_env
-from tests.utils import REPO, assert_mesh_step_matches, two_sharded_steps
+from tests.test_sharding import Shape
+from tests.utils import assert_mesh_step_matches, json_on_devices, two_sharded_steps
 
 # 500 tokens padded to 512: soft-capping must leave the padding rows at -inf.
 BASE = ModelConfig(vocab_size=500, vocab_multiple=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
@@ -305,12 +302,7 @@ def modern_sharded_steps() -> dict:
 
 @pytest.fixture(scope="module")
 def on_four_devices():
-    code = ("import json; from tests.test_switches import modern_sharded_steps; "
-            "print(json.dumps(modern_sharded_steps()))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=devices_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json_on_devices("tests.test_switches", "modern_sharded_steps")
 
 
 @pytest.mark.parametrize("shape", [str(s) for s in MESHES])

@@ -21,10 +21,39 @@ TINY_RUN = ["--config.train.num_epochs=2", "--config.train.eval_freq=5", "--conf
             "--config.train.flops_matmul_size=256"]  # the Speed line and flops_fraction, from a quick measurement
 
 
+# XLA's lowest optimization level, for the suite's own processes only (conftest.py): they compile hundreds of small
+# programs that each run a few times, in about two thirds of the time. The commands the tests run keep the flags a
+# user has (`cli_env`): their trained runs are slower at that level (docs/development.md).
+QUICK_COMPILE = "--xla_backend_optimization_level=0"
+
+
 def cli_env() -> dict:
+    """The environment of a command a test runs, as a user's shell has it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("COLUMNS", None)
+    flags = env.pop("XLA_FLAGS", "").replace(QUICK_COMPILE, "").strip()
+    if flags:
+        env["XLA_FLAGS"] = flags
     return env
+
+
+def devices_env(n: int, *flags: str) -> dict:
+    """`cli_env()` with `n` CPU devices (XLA's host-platform device count, read as jax starts) and `flags`."""
+    env = cli_env()
+    devices = f"--xla_force_host_platform_device_count={n}"
+    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), devices, *flags]))
+    for proxy in ("no_proxy", "NO_PROXY"):  # jax.distributed warns of any proxy setting; tests talk to 127.0.0.1 only
+        env.pop(proxy, None)
+    return env
+
+
+def json_on_devices(module: str, function: str, n: int = 4) -> dict:
+    """What `module.function()` returns (JSON), computed in a child process with `n` CPU devices."""
+    code = f"import json; from {module} import {function}; print(json.dumps({function}()))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=devices_env(n, QUICK_COMPILE),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_cli(module: str, *args: str, config: str = TINY, input: str | None = None, timeout: float = 300,
