@@ -317,9 +317,13 @@ def read_curve(run: Run) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+LINE_STYLES = ("-", "--", ":")  # matplotlib has ten colours: the next variants reuse them, dashed
+
+
 def plot_val_curves(plan: Plan, outcomes: dict[str, dict], path: str) -> None:
-    """Validation loss against tokens seen: a colour per variant, its seeds thin, their mean thick."""
-    fig, ax = plots.figure((7, 4.5))
+    """Validation loss against tokens seen: a colour per variant (and a dash pattern past ten), its seeds thin,
+    their mean thick; the legend beside the axes, where it hides no curve."""
+    fig, ax = plots.figure((8.5, 4.5))
     lows, highs = [], []
     for i, variant in enumerate(plan.sweep.variants):
         curves = [read_curve(run) for run in plan.runs
@@ -327,17 +331,17 @@ def plot_val_curves(plan: Plan, outcomes: dict[str, dict], path: str) -> None:
         if not curves:
             continue
         for curve in curves:
-            ax.plot([r["tokens_seen"] for r in curve], [r["val_loss"] for r in curve], color=f"C{i % 10}", lw=0.7,
-                    alpha=0.4)
+            ax.plot([r["tokens_seen"] for r in curve], [r["val_loss"] for r in curve], color=f"C{i % 10}",
+                    ls=LINE_STYLES[i // 10 % 3], lw=0.7, alpha=0.4)
         tokens = sorted(set.intersection(*({r["tokens_seen"] for r in curve} for curve in curves)))
         by_tokens = [{r["tokens_seen"]: r["val_loss"] for r in curve} for curve in curves]
         mean = [statistics.mean(c[t] for c in by_tokens) for t in tokens]
-        ax.plot(tokens, mean, color=f"C{i % 10}", lw=2.2, label=variant)
+        ax.plot(tokens, mean, color=f"C{i % 10}", ls=LINE_STYLES[i // 10 % 3], lw=2.2, label=variant)
         lows.append(min(mean))
         highs.append(mean[len(mean) // 4])  # the first evaluations of a random init are far above the rest
     if lows:
         ax.set_ylim(min(lows) - 0.2, max(highs) + 0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xlabel("Tokens seen")
     ax.set_ylabel("Validation loss")
     ax.set_title(f"{plan.sweep.name}: validation loss (thin: seeds, thick: mean)")
