@@ -38,7 +38,9 @@ def window_loss(loss_sum: Callable, params: Any, tokens: np.ndarray, starts: np.
     for i in tqdm(range(0, len(starts), rows), unit="batch", disable=not progress or None, file=sys.stderr):
         part, counts = starts[i:i + rows], targets[i:i + rows].astype(np.int32)
         windows = sharding.device_windows(tokens, part, context_length, mesh)
-        total = total + loss_sum(params, windows, sharding.place_rows(counts, mesh))
+        # One batch's programs at a time: XLA's CPU runtime can deadlock two programs whose collectives run at
+        # once on several devices (docs/development.md); an evaluation has nothing to overlap that pays.
+        total = (total + loss_sum(params, windows, sharding.place_rows(counts, mesh))).block_until_ready()
     count = int(targets.sum())
     return count, float(total) / max(count, 1)
 
